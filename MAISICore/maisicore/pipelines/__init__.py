@@ -1,0 +1,1 @@
+"""Pipelines: check a request, sample, decode."""

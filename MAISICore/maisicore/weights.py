@@ -1,0 +1,249 @@
+"""Weight sets on disk in the reference layout, read safely.
+
+A weight directory holds the three checkpoints under ``models/`` (NVIDIA's layout; files directly
+in the directory are accepted too) and, when ``maisi weights init`` or training made it, a
+``maisi_model.json`` card naming the model and width. Checkpoint contents (reference layout):
+
+- autoencoder: a plain state dict (older files nest it under ``unet_state_dict``);
+- diffusion UNet: ``{"unet_state_dict": ..., "scale_factor": tensor, ...}``;
+- ControlNet: ``{"controlnet_state_dict": ...}``, applied on top of the UNet's weights.
+
+Every file is read with ``torch.load(weights_only=True)``: tensors and plain containers only, never
+pickled code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+from .io import atomic_write
+from .networks import build_autoencoder, build_controlnet, build_diffusion_unet
+from .presets import MODEL_NAMES, WIDTHS, ModelPreset, get_preset
+
+MODEL_CARD = "maisi_model.json"
+MODELS_SUBDIR = "models"
+
+
+def default_weights_root() -> Path:
+    """Folder of downloaded weight sets: ``$MAISI_HOME/weights`` (default ``~/.maisi/weights``)."""
+    return Path(os.environ.get("MAISI_HOME", Path.home() / ".maisi")) / "weights"
+
+
+def weight_file(weights_dir: Path, name: str) -> Path:
+    """Path of checkpoint ``name`` in ``weights_dir`` (``models/name`` or ``name``); the
+    ``models/`` path when neither exists."""
+    for candidate in (weights_dir / MODELS_SUBDIR / name, weights_dir / name):
+        if candidate.is_file():
+            return candidate
+    return weights_dir / MODELS_SUBDIR / name
+
+
+def read_model_card(weights_dir: Path) -> dict | None:
+    """The weight set's ``maisi_model.json`` (``{"model": ..., "width": ...}``), or None."""
+    card = Path(weights_dir) / MODEL_CARD
+    if not card.is_file():
+        return None
+    try:
+        data = json.loads(card.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{card}: not valid JSON ({exc})") from exc
+    if data.get("model") not in MODEL_NAMES or data.get("width", "official") not in WIDTHS:
+        raise InputError(f"{card}: 'model' must be one of {MODEL_NAMES} and 'width' one of {WIDTHS}")
+    return data
+
+
+def resolve_model(model: str, weights_dir: str | os.PathLike | None) -> tuple[ModelPreset, Path]:
+    """Turn ``--model`` and ``--weights-dir`` into a preset and a weight folder.
+
+    ``model`` is ``rflow-ct``/``ddpm-ct`` (weights in ``weights_dir`` or the default cache) or a
+    weight folder with a model card. The width comes from the card (official when there is none).
+    """
+    if model in MODEL_NAMES:
+        folder = Path(weights_dir) if weights_dir else default_weights_root() / model
+        if not folder.is_dir():
+            raise InputError(
+                f"weights for {model} not found: folder {folder} does not exist; "
+                f"give --weights-dir DIR (e.g. made by `maisi weights init --preset {model}`)"
+            )
+        card = read_model_card(folder)
+        if card and card["model"] != model:
+            raise InputError(f"{folder} holds {card['model']} weights, not {model}; use --model {card['model']}")
+        return get_preset(model, (card or {}).get("width", "official")), folder
+    folder = Path(model)
+    if not folder.is_dir():
+        raise InputError(f"--model {model}: not a model name ({', '.join(MODEL_NAMES)}) nor a weight folder")
+    if weights_dir and Path(weights_dir).resolve() != folder.resolve():
+        raise InputError("--model DIR already names the weight folder; leave out --weights-dir")
+    card = read_model_card(folder)
+    if card is None:
+        raise InputError(
+            f"{folder} has no {MODEL_CARD}; give --model rflow-ct|ddpm-ct --weights-dir {folder} instead"
+        )
+    return get_preset(card["model"], card.get("width", "official")), folder
+
+
+def check_weight_files(preset: ModelPreset, weights_dir: Path) -> dict[str, Path]:
+    """Paths of the preset's three checkpoints; refuses with one line when any is missing."""
+    paths = {role: weight_file(weights_dir, name) for role, name in preset.weight_files.as_dict().items()}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise InputError(f"missing weight file(s) for {preset.key}: {', '.join(missing)}")
+    return paths
+
+
+def load_checkpoint(path: Path) -> dict:
+    """``torch.load(path, weights_only=True)`` on CPU; one-line ``InputError`` if refused."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise InputError(f"{path}: weight file not found") from exc
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"{path}: refused: not a plain tensor checkpoint (weights_only loading failed: {reason[:160]})"
+        ) from exc
+    if not isinstance(checkpoint, dict):
+        raise InputError(f"{path}: refused: expected a dict of tensors, found {type(checkpoint).__name__}")
+    return checkpoint
+
+
+def _state_dict_from(checkpoint: dict, key: str | None, path: Path, preset: ModelPreset) -> dict:
+    if key is None:  # autoencoder: plain state dict, or nested in older files
+        state = checkpoint.get("unet_state_dict", checkpoint)
+    else:
+        if key not in checkpoint:
+            found = ", ".join(list(checkpoint)[:5]) or "nothing"
+            raise InputError(f"{path}: not a {preset.key} checkpoint: no '{key}' entry (found: {found})")
+        state = checkpoint[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{path}: not a {preset.key} checkpoint: the state dict holds non-tensor values")
+    return state
+
+
+def load_state(
+    module: torch.nn.Module, state: dict, path: Path, preset: ModelPreset, allow_missing: frozenset[str] = frozenset()
+) -> None:
+    """Load ``state`` into ``module`` after checking keys and shapes; one line naming the file,
+    the preset and the first mismatching keys otherwise."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state and k not in allow_missing]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [
+        f"{k} {tuple(state[k].shape)}≠{tuple(expected[k].shape)}"
+        for k in state
+        if k in expected and state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:3])})")
+        if wrong_shape:
+            parts.append(f"{len(wrong_shape)} shape mismatches (first: {', '.join(wrong_shape[:2])})")
+        raise InputError(f"{path} does not fit preset {preset.key}: {'; '.join(parts)}")
+    module.load_state_dict(state, strict=not allow_missing)
+
+
+def start_controlnet_from_unet(controlnet: torch.nn.Module, diffusion_unet: torch.nn.Module) -> dict:
+    """Copy the UNet's weights into the ControlNet wherever name and shape agree (reference
+    ``copy_model_state``); returns the copied entries."""
+    target = controlnet.state_dict()
+    shared = {k: v for k, v in diffusion_unet.state_dict().items() if k in target and target[k].shape == v.shape}
+    controlnet.load_state_dict(shared, strict=False)
+    return shared
+
+
+@dataclass
+class LoadedModel:
+    """The three networks of one weight set, ready for inference on ``device``."""
+
+    preset: ModelPreset
+    autoencoder: torch.nn.Module
+    diffusion_unet: torch.nn.Module
+    controlnet: torch.nn.Module
+    scale_factor: float
+    device: torch.device
+    weights_dir: Path
+
+
+def load_model(preset: ModelPreset, weights_dir: str | os.PathLike, device: torch.device | str = "cpu") -> LoadedModel:
+    """Build the preset's networks and load the weight set in ``weights_dir`` into them."""
+    weights_dir = Path(weights_dir)
+    paths = check_weight_files(preset, weights_dir)
+    device = torch.device(device)
+
+    autoencoder = build_autoencoder(preset, "cpu")
+    ae_path = paths["autoencoder"]
+    load_state(autoencoder, _state_dict_from(load_checkpoint(ae_path), None, ae_path, preset), ae_path, preset)
+
+    diffusion_unet = build_diffusion_unet(preset, "cpu")
+    unet_path = paths["diffusion_unet"]
+    unet_checkpoint = load_checkpoint(unet_path)
+    load_state(diffusion_unet, _state_dict_from(unet_checkpoint, "unet_state_dict", unet_path, preset), unet_path, preset)
+    scale_factor = unet_checkpoint.get("scale_factor", None)
+    if scale_factor is None:
+        raise InputError(f"{unet_path}: no 'scale_factor' entry; it is needed to decode latents")
+    scale_factor = float(torch.as_tensor(scale_factor).float().reshape(-1)[0])
+
+    # Reference: the ControlNet starts from the UNet's weights, then its own checkpoint is applied.
+    controlnet = build_controlnet(preset, "cpu")
+    shared = start_controlnet_from_unet(controlnet, diffusion_unet)
+    cn_path = paths["controlnet"]
+    load_state(
+        controlnet,
+        _state_dict_from(load_checkpoint(cn_path), "controlnet_state_dict", cn_path, preset),
+        cn_path,
+        preset,
+        allow_missing=frozenset(shared),
+    )
+    return LoadedModel(
+        preset=preset,
+        autoencoder=autoencoder.to(device),
+        diffusion_unet=diffusion_unet.to(device),
+        controlnet=controlnet.to(device),
+        scale_factor=scale_factor,
+        device=device,
+        weights_dir=weights_dir,
+    )
+
+
+def init_weights(preset: ModelPreset, out_dir: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
+    """Write a randomly initialised weight set for ``preset`` in the reference layout.
+
+    The networks are MONAI's default initialisation under ``torch.manual_seed(seed)``; the
+    ControlNet starts from the UNet's weights (zero output convolutions, as for training) and the
+    scale factor is 1. A ``maisi_model.json`` card records model and width.
+    """
+    out_dir = Path(out_dir)
+    (out_dir / MODELS_SUBDIR).mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    autoencoder = build_autoencoder(preset, "cpu")
+    diffusion_unet = build_diffusion_unet(preset, "cpu")
+    controlnet = build_controlnet(preset, "cpu")
+    start_controlnet_from_unet(controlnet, diffusion_unet)
+    unet_state = diffusion_unet.state_dict()
+
+    files = preset.weight_files
+    contents = {
+        "autoencoder": (files.autoencoder, autoencoder.state_dict()),
+        "diffusion_unet": (files.diffusion_unet, {"unet_state_dict": unet_state, "scale_factor": torch.tensor(1.0)}),
+        "controlnet": (files.controlnet, {"controlnet_state_dict": controlnet.state_dict()}),
+    }
+    written = {}
+    for role, (name, obj) in contents.items():
+        written[role] = save_checkpoint(out_dir / MODELS_SUBDIR / name, obj)
+    card = {"model": preset.name, "width": preset.width, "origin": f"random initialisation, seed {seed}"}
+    atomic_write(out_dir / MODEL_CARD, lambda tmp: Path(tmp).write_text(json.dumps(card, indent=2) + "\n"))
+    return written
+
+
+def save_checkpoint(path: Path, obj: dict) -> Path:
+    """``torch.save`` through a temporary file and a rename."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
