@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="official (published sizes) or tiny (same architecture, few channels)")
     init.add_argument("--out", required=True, metavar="DIR", help="folder to write (created if missing)")
     init.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    init.add_argument("--nonzero-init", action="store_true",
+                      help="fill the layers MONAI starts at zero (UNet and ControlNet outputs) with small random "
+                           "values, so untrained networks act: for tests and pipeline demos, not for training")
     init.set_defaults(handler=_cmd_weights_init)
     return parser
 
@@ -173,8 +176,9 @@ def _cmd_weights_init(args) -> int:
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder")
     preset = get_preset(args.preset, args.width)
-    files = init_weights(preset, out, seed=args.seed)
-    print(f"wrote {preset.key} random weights (seed {args.seed}) to {out}: {', '.join(p.name for p in files.values())}")
+    files = init_weights(preset, out, seed=args.seed, nonzero=args.nonzero_init)
+    kind = "random weights" + (" (zero-initialised layers filled)" if args.nonzero_init else "")
+    print(f"wrote {preset.key} {kind}, seed {args.seed}, to {out}: {', '.join(p.name for p in files.values())}")
     return 0
 
 

@@ -29,8 +29,8 @@ CT_MODALITY = 1  # modality_mapping.json: "ct": 1
 
 # Tiny widths: same blocks, levels, attention placement and conditioning as the official
 # networks, with fewer channels (norm groups scaled down so channels stay divisible).
-_TINY_AUTOENCODER = {"num_channels": [8, 16, 16], "norm_num_groups": 8}
-_TINY_UNET = {"num_channels": [8, 16, 16, 32], "num_head_channels": [0, 0, 8, 8], "norm_num_groups": 8}
+_TINY_AUTOENCODER = {"num_channels": [8, 16, 32], "norm_num_groups": 8}
+_TINY_UNET = {"num_channels": [8, 16, 24, 32], "num_head_channels": [0, 0, 8, 8], "norm_num_groups": 8}
 _TINY_CONTROLNET = dict(_TINY_UNET, conditioning_embedding_num_channels=[8, 8, 16])
 
 

@@ -214,12 +214,30 @@ def load_model(preset: ModelPreset, weights_dir: str | os.PathLike, device: torc
     )
 
 
-def init_weights(preset: ModelPreset, out_dir: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
+def fill_zero_initialised(module: torch.nn.Module, generator: torch.Generator, std: float = 0.05) -> int:
+    """Give the layers MONAI initialises to zero (residual-branch and output convolutions, the
+    ControlNet's condition and residual outputs; not norm biases) normal(0, std) values, in place.
+    Returns how many tensors were filled."""
+    filled = 0
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if "norm" not in name and not param.any():
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+                filled += 1
+    return filled
+
+
+def init_weights(
+    preset: ModelPreset, out_dir: str | os.PathLike, seed: int = 0, nonzero: bool = False
+) -> dict[str, Path]:
     """Write a randomly initialised weight set for ``preset`` in the reference layout.
 
     The networks are MONAI's default initialisation under ``torch.manual_seed(seed)``; the
-    ControlNet starts from the UNet's weights (zero output convolutions, as for training) and the
-    scale factor is 1. A ``maisi_model.json`` card records model and width.
+    ControlNet starts from the UNet's weights and the scale factor is 1. MONAI starts some layers
+    at zero (the UNet's output, the ControlNet's outputs), so an untrained UNet predicts 0 and an
+    untrained ControlNet adds nothing: right for training from scratch. ``nonzero=True`` fills
+    those layers with small random values so untrained networks act (tests, pipeline demos).
+    A ``maisi_model.json`` card records model and width.
     """
     out_dir = Path(out_dir)
     (out_dir / MODELS_SUBDIR).mkdir(parents=True, exist_ok=True)
@@ -228,6 +246,10 @@ def init_weights(preset: ModelPreset, out_dir: str | os.PathLike, seed: int = 0)
     diffusion_unet = build_diffusion_unet(preset, "cpu")
     controlnet = build_controlnet(preset, "cpu")
     start_controlnet_from_unet(controlnet, diffusion_unet)
+    if nonzero:
+        generator = torch.Generator().manual_seed(seed + 1)
+        fill_zero_initialised(diffusion_unet, generator)
+        fill_zero_initialised(controlnet, generator)
     unet_state = diffusion_unet.state_dict()
 
     files = preset.weight_files
@@ -239,7 +261,8 @@ def init_weights(preset: ModelPreset, out_dir: str | os.PathLike, seed: int = 0)
     written = {}
     for role, (name, obj) in contents.items():
         written[role] = save_checkpoint(out_dir / MODELS_SUBDIR / name, obj)
-    card = {"model": preset.name, "width": preset.width, "origin": f"random initialisation, seed {seed}"}
+    origin = f"random initialisation, seed {seed}" + (", zero-initialised layers filled" if nonzero else "")
+    card = {"model": preset.name, "width": preset.width, "origin": origin}
     atomic_write(out_dir / MODEL_CARD, lambda tmp: Path(tmp).write_text(json.dumps(card, indent=2) + "\n"))
     return written
 

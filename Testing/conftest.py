@@ -1,0 +1,89 @@
+"""Shared fixtures: real CT data, tiny weight sets made by the real `maisi weights init`, the
+reference configs beside the checkout, and a runner for the real `maisi` command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fetch_test_data  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """NVIDIA's published configs (../shared/reference/official-configs beside the checkout)."""
+    folder = Path(os.environ.get("MAISI_SHARED", REPO.parent / "shared")) / "reference" / "official-configs"
+    if not folder.is_dir():
+        pytest.fail(f"reference configs not found at {folder}; set MAISI_SHARED to the shared/ folder")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """TotalSegmentator's real example CTs and segmentations (downloaded once into .cache)."""
+    try:
+        return fetch_test_data.reference_files()
+    except fetch_test_data.RegistryUnreachable as exc:
+        pytest.skip(f"real CT data unavailable: {exc}")
+
+
+def run_maisi(*args, cwd=None, timeout=600) -> subprocess.CompletedProcess:
+    """Run the real `maisi` program (``python -m maisicore``) and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "maisicore", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+    )
+
+
+def _init_weights(folder: Path, model: str, *extra) -> Path:
+    result = run_maisi("weights", "init", "--preset", model, "--width", "tiny", "--out", folder, *extra)
+    assert result.returncode == 0, result.stderr
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random weight sets for both models whose networks act: `maisi weights init
+    --nonzero-init` (MONAI starts the UNet's and ControlNet's output layers at zero)."""
+    root = tmp_path_factory.mktemp("weights")
+    return {model: _init_weights(root / model, model, "--nonzero-init") for model in ("rflow-ct", "ddpm-ct")}
+
+
+@pytest.fixture(scope="session")
+def training_start_weights(tmp_path_factory) -> dict[str, Path]:
+    """Tiny weight sets exactly as `maisi weights init` writes them for training from scratch."""
+    root = tmp_path_factory.mktemp("weights-plain")
+    return {model: _init_weights(root / model, model) for model in ("rflow-ct", "ddpm-ct")}
+
+
+def body_mask_from_real_data(real_data: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A MAISI label volume on a 96×96×32 crop of the real example scan (3 mm, RAS).
+
+    Liver (1), spleen (3) and left kidney (14) come from TotalSegmentator's per-class masks; every
+    other voxel with HU > −500 is body (200). Returns (labels int16 (x, y, z), affine index → RAS).
+    """
+    import nibabel as nib
+
+    ct = nib.load(real_data / "example_ct_sm.nii.gz")
+    hu = np.asanyarray(ct.dataobj)
+    labels = np.where(hu > -500, 200, 0).astype(np.int16)
+    for name, maisi_id in (("liver", 1), ("spleen", 3), ("kidney_left", 14)):
+        organ = np.asanyarray(nib.load(real_data / "example_seg_fast" / f"{name}.nii.gz").dataobj) > 0
+        labels[organ] = maisi_id
+    x0, y0 = 13, 2  # crop 122×101×30 to 96×96 in-plane, keep the body centred
+    crop = np.zeros((96, 96, 32), np.int16)
+    crop[:, :, :30] = labels[x0 : x0 + 96, y0 : y0 + 96, :]
+    affine = ct.affine.copy()
+    affine[:3, 3] = ct.affine[:3, :3] @ [x0, y0, 0] + ct.affine[:3, 3]
+    return crop, affine

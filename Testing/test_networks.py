@@ -1,0 +1,84 @@
+"""The presets build exactly NVIDIA's published networks: compared with networks MONAI's own
+config parser builds from the official config_network_*.json files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from maisicore.networks import build_autoencoder, build_controlnet, build_diffusion_unet, build_scheduler
+from maisicore.presets import get_preset
+
+# Parameter counts published with MAISI (millions): VAE, UNet, ControlNet.
+PUBLISHED_MILLIONS = {"rflow-ct": (20.94, 180.50, 72.04), "ddpm-ct": (20.94, 169.37, 68.64)}
+CONFIG = {"rflow-ct": "config_network_rflow.json", "ddpm-ct": "config_network_ddpm.json"}
+
+
+def _official_networks(reference_dir, model):
+    from monai.bundle import ConfigParser
+
+    config = json.loads((reference_dir / CONFIG[model]).read_text())
+    for key in ("diffusion_unet_def", "controlnet_def"):
+        config[key]["use_flash_attention"] = False  # MONAI refuses it without CUDA; holds no weights
+    parser = ConfigParser(config)
+    return {
+        "autoencoder": parser.get_parsed_content("autoencoder_def"),
+        "diffusion_unet": parser.get_parsed_content("diffusion_unet_def"),
+        "controlnet": parser.get_parsed_content("controlnet_def"),
+        "scheduler": parser.get_parsed_content("noise_scheduler"),
+    }
+
+
+def _signature(module):
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("model", ["rflow-ct", "ddpm-ct"])
+def test_official_width_matches_reference_config(reference_dir, model):
+    torch.manual_seed(0)
+    reference = _official_networks(reference_dir, model)
+    preset = get_preset(model, "official")
+    ours = {
+        "autoencoder": build_autoencoder(preset),
+        "diffusion_unet": build_diffusion_unet(preset),
+        "controlnet": build_controlnet(preset),
+    }
+    for (role, module), published in zip(ours.items(), PUBLISHED_MILLIONS[model]):
+        assert _signature(module) == _signature(reference[role]), role
+        millions = sum(p.numel() for p in module.parameters()) / 1e6
+        assert millions == pytest.approx(published, abs=0.005), role
+    # Scheduler: same class and the same arithmetic.
+    scheduler = build_scheduler(preset)
+    assert type(scheduler) is type(reference["scheduler"])
+    assert vars(scheduler).keys() == vars(reference["scheduler"]).keys()
+    for key, value in vars(reference["scheduler"]).items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(getattr(scheduler, key), value), key
+        elif not callable(value):
+            assert getattr(scheduler, key) == value, key
+
+
+def test_reference_built_weights_give_identical_outputs(reference_dir):
+    """Weights of the reference-built network load strictly into ours and give the same output."""
+    reference = _official_networks(reference_dir, "rflow-ct")
+    preset = get_preset("rflow-ct", "official")
+    unet = build_diffusion_unet(preset)
+    unet.load_state_dict(reference["diffusion_unet"].state_dict(), strict=True)
+    reference["diffusion_unet"].eval()
+    x = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(timesteps=torch.tensor([500.0]), spacing_tensor=torch.tensor([[150.0, 150.0, 200.0]]),
+                  class_labels=torch.tensor([1]))
+    with torch.no_grad():
+        assert torch.equal(unet(x, **kwargs), reference["diffusion_unet"](x, **kwargs))
+
+
+@pytest.mark.parametrize("model", ["rflow-ct", "ddpm-ct"])
+def test_tiny_width_keeps_the_architecture(model):
+    official, tiny = get_preset(model, "official"), get_preset(model, "tiny")
+    for builder in (build_autoencoder, build_diffusion_unet, build_controlnet):
+        names_official = {k.split(".weight")[0].split(".bias")[0] for k in builder(official).state_dict()}
+        names_tiny = {k.split(".weight")[0].split(".bias")[0] for k in builder(tiny).state_dict()}
+        assert names_official == names_tiny, builder.__name__
+    assert sum(p.numel() for p in build_diffusion_unet(tiny).parameters()) < 2e6
