@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from . import __version__
 from .errors import Cancelled, InputError
 from .presets import BODY_REGIONS, MODEL_NAMES, WIDTHS
@@ -60,6 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"ddpm-ct only: body region(s) covered, top first ({', '.join(BODY_REGIONS)}); "
                           "default: derived from the mask")
     gen.add_argument("--mask", metavar="LABELS", help="MAISI label volume (.nii, .nii.gz, .nrrd) to follow")
+    gen.add_argument("--fit-grid", action="store_true",
+                     help="resample the mask (nearest) onto --size/--spacing, or onto the published grid closest "
+                          "to its field of view, centred on the labelled region")
+    gen.add_argument("--on-mask-grid", action="store_true",
+                     help="with --fit-grid: write the CT (and --label-out) back on the mask's own grid")
+    gen.add_argument("--anatomy", metavar="NAMES",
+                     help="paired generation without a mask: comma-separated MAISI anatomy names (e.g. "
+                          "\"liver,hepatic tumor\") a mask from --mask-db must contain")
+    gen.add_argument("--mask-db", metavar="JSON",
+                     help="candidate mask database (reference candidate_masks_*.json) for --anatomy")
+    gen.add_argument("--mask-dir", metavar="DIR", help="folder of the database's mask files (default: the JSON's folder)")
+    gen.add_argument("--label-out", metavar="LABELS", help="also write the label volume the CT was generated from")
+    gen.add_argument("--qc-retries", type=int, default=0, metavar="N",
+                     help="check organ HU medians (maisi qc) and regenerate with the next seed up to N times")
     gen.add_argument("--seed", type=int, default=0, help="random seed; same seed, same output (default 0)")
     gen.add_argument("--steps", type=_positive_int,
                      help="denoising steps (default: rflow-ct 30, ddpm-ct 1000)")
@@ -90,6 +106,42 @@ def build_parser() -> argparse.ArgumentParser:
                       help="fill the layers MONAI starts at zero (UNet and ControlNet outputs) with small random "
                            "values, so untrained networks act: for tests and pipeline demos, not for training")
     init.set_defaults(handler=_cmd_weights_init)
+
+    labels = commands.add_parser("labels", help="the MAISI label vocabulary and conversion to it")
+    label_commands = labels.add_subparsers(dest="labels_command", metavar="ACTION", parser_class=_Parser)
+    listing = label_commands.add_parser("list", help="list MAISI label ids, names and TotalSegmentator classes")
+    listing.add_argument("--json", action="store_true", help="JSON with colours and Slicer terminology strings")
+    listing.set_defaults(handler=_cmd_labels_list)
+    convert = label_commands.add_parser(
+        "convert",
+        help="convert a segmentation to a MAISI label volume (with the body envelope, label 200)",
+        description=(
+            "Convert a TotalSegmentator result (a multi-label file or a folder of class masks) or named binary "
+            "masks (file names or NAME=PATH; names, synonyms or Slicer terminology strings) to MAISI label ids, "
+            "then add the body envelope (label 200) from --ct or from the labels. Unmapped classes are listed, "
+            "never dropped silently; overlaps resolve tumours over organs over body, smaller over larger."
+        ),
+    )
+    convert.add_argument("--from", dest="source", required=True, choices=("totalsegmentator", "names"))
+    convert.add_argument("segmentation", nargs="+", metavar="SEG")
+    convert.add_argument("--ct", metavar="CT", help="CT on the same grid: body envelope from HU > -500")
+    convert.add_argument("--no-body", action="store_true", help="do not add the body envelope")
+    convert.add_argument("--out", required=True, metavar="MAISI_LABELS")
+    convert.add_argument("--report", metavar="JSON", help="write the mapping report (mapped, unmapped, overlaps)")
+    convert.set_defaults(handler=_cmd_labels_convert)
+
+    qc = commands.add_parser(
+        "qc",
+        help="check organ HU medians of a CT against real-CT ranges",
+        description=(
+            "Median HU of liver, spleen, pancreas, kidneys, lungs, bone and brain inside their MAISI labels, "
+            "against the reference ranges of real CTs. Exit code 1 when an organ is out of range."
+        ),
+    )
+    qc.add_argument("ct", metavar="CT")
+    qc.add_argument("--label", required=True, metavar="LABELS", help="MAISI label volume on the CT's grid")
+    qc.add_argument("--json", metavar="JSON", help="also write the results as JSON")
+    qc.set_defaults(handler=_cmd_qc)
     return parser
 
 
@@ -115,56 +167,217 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _check_png(path: str | None, option: str) -> Path | None:
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.name.lower().endswith(".png"):
+        raise InputError(f"{option} {path}: must end with .png")
+    if not (path.parent if str(path.parent) else Path(".")).is_dir():
+        raise InputError(f"{option} {path}: folder {path.parent} does not exist")
+    return path
+
+
+def _paired_mask(args, preset, rng):
+    """Pick and prepare a candidate mask for --anatomy (paired generation)."""
+    from .labels import label_table
+    from .maskdb import load_database, prepare_mask, select_candidates
+    from .presets import DEFAULT_SIZE, DEFAULT_SPACING_MM
+
+    if not args.mask_db:
+        raise InputError("--anatomy needs --mask-db JSON (the candidate mask database)")
+    table = label_table()
+    anatomy_ids = []
+    for name in (n.strip() for n in args.anatomy.split(",") if n.strip()):
+        info = table.by_segment_name(name)
+        if info is None:
+            raise InputError(f"--anatomy {name!r}: not a MAISI anatomy name (see `maisi labels list`)")
+        anatomy_ids.append(info.id)
+    size = tuple(args.size or DEFAULT_SIZE)
+    spacing = tuple(args.spacing or DEFAULT_SPACING_MM)
+    candidates = select_candidates(load_database(args.mask_db, args.mask_dir), anatomy_ids, args.body_region, size, spacing)
+    if candidates[0][1]:  # several on the exact grid: pick among them at random (seeded)
+        order = rng.permutation(len(candidates))
+        candidates = [candidates[i] for i in order]
+    for candidate, on_grid in candidates[:10]:
+        mask = prepare_mask(candidate, on_grid, size, spacing, anatomy_ids, rng)
+        if mask is not None:
+            _say(f"mask from database: {candidate.path.name}{'' if on_grid else ' (resampled)'}")
+            return mask
+    raise InputError("no candidate mask keeps the requested anatomy after resampling; change --size or --spacing")
+
+
 def _cmd_generate(args) -> int:
+    import numpy as np
+
     from .io import check_output_path, read_volume
     from .validation import resolve_device
     from .weights import check_weight_files, resolve_model
 
     # 1. Check everything the user gave before building any network.
     out = check_output_path(args.out)
-    preview = None
-    if args.preview:
-        preview = Path(args.preview)
-        if not preview.name.lower().endswith(".png"):
-            raise InputError(f"--preview {preview}: must end with .png")
-        if not (preview.parent if str(preview.parent) else Path(".")).is_dir():
-            raise InputError(f"--preview {preview}: folder {preview.parent} does not exist")
+    label_out = check_output_path(args.label_out, "--label-out") if args.label_out else None
+    preview = _check_png(args.preview, "--preview")
+    if args.anatomy and args.mask:
+        raise InputError("--anatomy picks a mask from --mask-db; leave out --mask (or --anatomy)")
+    if args.on_mask_grid and not args.fit_grid:
+        raise InputError("--on-mask-grid goes with --fit-grid")
+    if args.fit_grid and not args.mask:
+        raise InputError("--fit-grid needs --mask")
+    if args.qc_retries < 0:
+        raise InputError(f"--qc-retries {args.qc_retries}: must be 0 or more")
+    if args.qc_retries and not (args.mask or args.anatomy):
+        raise InputError("--qc-retries checks organs of a mask: give --mask or --anatomy")
+    if label_out and not (args.mask or args.anatomy):
+        raise InputError("--label-out writes the labels of a mask: give --mask or --anatomy")
     preset, weights_dir = resolve_model(args.model, args.weights_dir)
     check_weight_files(preset, weights_dir)
     device = resolve_device(args.device)
+    rng = np.random.default_rng(args.seed)
     mask = read_volume(args.mask) if args.mask else None
+    size, spacing = args.size, args.spacing
+    original_grid = None
+    if args.anatomy:
+        mask = _paired_mask(args, preset, rng)
+        size = spacing = None
+    elif mask is not None and args.fit_grid:
+        from .grids import Grid, generation_grid, labels_on_grid
+        from .validation import check_mask_values
+
+        check_mask_values(mask.array)
+        original_grid = Grid(mask.shape, mask.affine)
+        mask = labels_on_grid(mask, generation_grid(mask, size, spacing, preset.grid))
+        size = spacing = None
 
     from .pipelines.generate import generate, plan_generation
 
-    plan = plan_generation(preset, args.size, args.spacing, mask, args.body_region, args.steps, args.allow_any_size)
+    plan = plan_generation(preset, size, spacing, mask, args.body_region, args.steps, args.allow_any_size)
     for note in plan.notes:
         _say(f"note: {note}")
     region = f", body region {plan.body_region[0]}→{plan.body_region[1]}" if plan.body_region else ""
+    source = f", following {args.mask}" if args.mask else (f", anatomy {args.anatomy}" if args.anatomy else "")
     _say(
         f"{preset.key} on {device}: {'×'.join(map(str, plan.size))} voxels at "
-        f"{'×'.join(f'{s:g}' for s in plan.spacing)} mm, {plan.steps} steps, seed {args.seed}"
-        f"{', following ' + args.mask if args.mask else ''}{region}"
+        f"{'×'.join(f'{s:g}' for s in plan.spacing)} mm, {plan.steps} steps, seed {args.seed}{source}{region}"
     )
 
-    # 2. Load and run.
-    from .io import write_volume
+    # 2. Load and run (regenerating with the next seed while the quality check fails).
     from .weights import load_model
 
     model = load_model(preset, weights_dir, device)
-    ct = generate(model, plan, seed=args.seed, progress=_ProgressBars())
+    seed = args.seed
+    for attempt in range(args.qc_retries + 1):
+        ct = generate(model, plan, seed=seed, progress=_ProgressBars())
+        if not args.qc_retries:
+            break
+        from .qc import check_ct, format_table
+
+        checks = check_ct(ct.array, mask.array)
+        if all(c.passed for c in checks):
+            _say(f"quality check passed (seed {seed})")
+            break
+        _say(format_table(checks))
+        if attempt < args.qc_retries:
+            seed += 1
+            _say(f"quality check failed; regenerating with seed {seed}")
+        else:
+            _say(f"note: quality check still failing after {args.qc_retries} retries; writing the last result")
 
     # 3. Write (temporary file + rename).
+    from .geometry import Volume
+    from .io import write_volume
+
+    labels_used = Volume(mask.array.astype(np.int16), mask.affine) if mask is not None else None
+    if original_grid is not None and args.on_mask_grid:
+        from .grids import image_on_grid, labels_on_grid
+
+        ct = image_on_grid(ct, original_grid)
+        labels_used = labels_on_grid(labels_used, original_grid)
     write_volume(out, ct)
     written = [str(out)]
+    if label_out is not None:
+        write_volume(label_out, labels_used)
+        written.append(str(label_out))
     if preview is not None:
-        from .geometry import Volume
         from .preview import write_preview
 
-        labels = Volume(mask.array, mask.affine) if mask is not None else None
-        write_preview(preview, ct, labels)
+        write_preview(preview, ct, labels_used)
         written.append(str(preview))
-    spacing = "×".join(f"{s:.4g}" for s in ct.spacing)
-    print(f"wrote {' and '.join(written)} (CT int16 HU, {'×'.join(map(str, ct.shape))} voxels, {spacing} mm)")
+    spacing_text = "×".join(f"{s:.4g}" for s in ct.spacing)
+    print(f"wrote {', '.join(written)} (CT int16 HU, {'×'.join(map(str, ct.shape))} voxels, {spacing_text} mm; seed {seed})")
+    return 0
+
+
+def _cmd_labels_list(args) -> int:
+    import json
+
+    from .labels import label_table
+
+    table = label_table()
+    if args.json:
+        rows = [
+            {"id": i.id, "name": i.name, "totalsegmentator": list(i.totalsegmentator), "tumor": i.tumor,
+             "color": list(i.color), "terminology": i.terminology_entry()}
+            for i in table
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'id':>3}  {'name':<30} {'tumour':<6} TotalSegmentator")
+    for info in table:
+        print(f"{info.id:>3}  {info.name:<30} {'yes' if info.tumor else '':<6} {', '.join(info.totalsegmentator)}")
+    return 0
+
+
+def _cmd_labels_convert(args) -> int:
+    from .io import check_output_path, read_volume, write_volume
+    from .labelmap import read_named_masks, read_totalsegmentator, with_body_envelope
+
+    out = check_output_path(args.out)
+    if args.report:
+        report_path = Path(args.report)
+        if not (report_path.parent if str(report_path.parent) else Path(".")).is_dir():
+            raise InputError(f"--report {report_path}: folder {report_path.parent} does not exist")
+    if args.source == "totalsegmentator":
+        if len(args.segmentation) != 1:
+            raise InputError("--from totalsegmentator takes one multi-label file or one folder of class masks")
+        labels, report = read_totalsegmentator(args.segmentation[0])
+    else:
+        labels, report = read_named_masks(args.segmentation)
+    if not args.no_body:
+        ct = read_volume(args.ct) if args.ct else None
+        labels = with_body_envelope(labels, report, ct)
+    write_volume(out, labels)
+    if args.report:
+        report.write_json(args.report)
+    for item in report.unmapped:
+        _say(f"unmapped: {item['source']} ({item['voxels']} voxels)")
+    print(f"wrote {out}: {report.summary()}")
+    return 0
+
+
+def _cmd_qc(args) -> int:
+    import json
+
+    from .io import read_volume
+    from .qc import check_ct, format_table
+
+    ct = read_volume(args.ct)
+    labels = read_volume(args.label)
+    if ct.shape != labels.shape or not np.allclose(ct.affine, labels.affine, atol=1e-3):
+        raise InputError(f"--label {args.label} is not on the CT's grid (shape and affine must match)")
+    checks = check_ct(ct.array.astype(np.float32), np.rint(labels.array).astype(np.int32))
+    print(format_table(checks))
+    if args.json:
+        from .io import atomic_write
+
+        rows = [dict(vars(c), passed=c.passed, checked=c.checked) for c in checks]
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=2) + "\n"))
+    failed = [c.organ for c in checks if not c.passed]
+    if failed:
+        print(f"quality check failed: {', '.join(failed)} outside the range of real CTs")
+        return 1
+    checked = [c.organ for c in checks if c.checked]
+    print(f"quality check passed for {', '.join(checked) if checked else 'no organ (none present)'}")
     return 0
 
 

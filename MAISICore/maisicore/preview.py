@@ -14,11 +14,16 @@ PANEL_PX = 256  # longest side of each panel
 
 
 def _label_colour(label_id: int) -> tuple[int, int, int]:
-    """A stable, saturated colour per label id (golden-ratio hue walk)."""
-    import colorsys
+    """The label table's display colour; a stable hue for ids outside the table."""
+    from .labels import label_table
 
-    r, g, b = colorsys.hsv_to_rgb((label_id * 0.618033988749895) % 1.0, 0.9, 1.0)
-    return int(r * 255), int(g * 255), int(b * 255)
+    try:
+        return label_table().by_id(label_id).color
+    except KeyError:
+        import colorsys
+
+        r, g, b = colorsys.hsv_to_rgb((label_id * 0.618033988749895) % 1.0, 0.9, 1.0)
+        return int(r * 255), int(g * 255), int(b * 255)
 
 
 def _display(plane: np.ndarray) -> np.ndarray:
