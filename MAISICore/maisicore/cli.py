@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=_positive_int,
                      help="denoising steps (default: rflow-ct 30, ddpm-ct 1000)")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    gen.add_argument("--decode", default="exact", choices=("exact", "sliding-window", "plain"),
+                     help="VAE decode: exact tensor splitting in bounded memory (default), the reference's "
+                          "sliding window (seams), or MONAI's plain decode")
+    gen.add_argument("--memory-budget", type=float, metavar="GB",
+                     help="the most memory the process may hold while decoding (CPU: resident, CUDA: device "
+                          "memory; default: what it holds plus free memory minus 0.5 GiB)")
     gen.add_argument("--allow-any-size", action="store_true",
                      help="accept any size that is a multiple of 32 and any spacing (tests, tiny models)")
     gen.add_argument("--preview", metavar="PNG", help="also write a PNG of the three mid-planes")
@@ -130,6 +136,39 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--report", metavar="JSON", help="write the mapping report (mapped, unmapped, overlaps)")
     convert.set_defaults(handler=_cmd_labels_convert)
 
+    vae = commands.add_parser("vae", help="encode a CT to latents or decode latents, exactly and in bounded memory")
+    vae_commands = vae.add_subparsers(dest="vae_command", metavar="ACTION", parser_class=_Parser)
+    encode = vae_commands.add_parser(
+        "encode",
+        help="CT → latent [X/4, Y/4, Z/4, 4] NIfTI with a JSON sidecar",
+        description=(
+            "Encode a CT with the MAISI autoencoder: reoriented to RAS, HU clipped to [-1000, 1000] and scaled "
+            "to [0, 1], padded with air to a multiple of 4; the exact split encoder writes the posterior mean "
+            "as LATENT (.nii.gz, [X, Y, Z, 4], latent-grid affine) and LATENT.json (image grid, modality)."
+        ),
+    )
+    encode.add_argument("--weights", required=True, metavar="AE.pt", help="autoencoder checkpoint (official or tiny width)")
+    encode.add_argument("--image", required=True, metavar="CT")
+    encode.add_argument("--memory-budget", type=float, metavar="GB", help="as for generate")
+    encode.add_argument("--device", default="auto")
+    encode.add_argument("--out", required=True, metavar="LATENT.nii.gz")
+    encode.set_defaults(handler=_cmd_vae_encode)
+    decode = vae_commands.add_parser(
+        "decode",
+        help="latent NIfTI → CT (int16 HU)",
+        description="Decode a latent [X, Y, Z, 4] (divided by --scale-factor first) to a CT in HU, int16.",
+    )
+    decode.add_argument("--weights", required=True, metavar="AE.pt")
+    decode.add_argument("--latent", required=True, metavar="LATENT")
+    decode.add_argument("--scale-factor", type=float, default=1.0, metavar="F",
+                        help="divide the latent by F first (diffusion outputs: the model's scale_factor; default 1)")
+    decode.add_argument("--memory-budget", type=float, metavar="GB",
+                        help="the most memory the process may hold while decoding (default: free memory)")
+    decode.add_argument("--decode", default="exact", choices=("exact", "sliding-window", "plain"))
+    decode.add_argument("--device", default="auto")
+    decode.add_argument("--out", required=True, metavar="CT")
+    decode.set_defaults(handler=_cmd_vae_decode)
+
     qc = commands.add_parser(
         "qc",
         help="check organ HU medians of a CT against real-CT ranges",
@@ -176,6 +215,14 @@ def _check_png(path: str | None, option: str) -> Path | None:
     if not (path.parent if str(path.parent) else Path(".")).is_dir():
         raise InputError(f"{option} {path}: folder {path.parent} does not exist")
     return path
+
+
+def _budget_bytes(gigabytes: float | None) -> int | None:
+    if gigabytes is None:
+        return None
+    if gigabytes <= 0:
+        raise InputError(f"--memory-budget {gigabytes:g}: must be a positive number of GB")
+    return int(gigabytes * 2**30)
 
 
 def _paired_mask(args, preset, rng):
@@ -267,7 +314,8 @@ def _cmd_generate(args) -> int:
     model = load_model(preset, weights_dir, device)
     seed = args.seed
     for attempt in range(args.qc_retries + 1):
-        ct = generate(model, plan, seed=seed, progress=_ProgressBars())
+        ct = generate(model, plan, seed=seed, progress=_ProgressBars(), decode=args.decode,
+                      memory_budget_bytes=_budget_bytes(args.memory_budget), log=_say)
         if not args.qc_retries:
             break
         from .qc import check_ct, format_table
@@ -352,6 +400,44 @@ def _cmd_labels_convert(args) -> int:
     for item in report.unmapped:
         _say(f"unmapped: {item['source']} ({item['voxels']} voxels)")
     print(f"wrote {out}: {report.summary()}")
+    return 0
+
+
+def _cmd_vae_encode(args) -> int:
+    from .io import read_volume
+    from .pipelines.vae import LATENT_EXTENSIONS, encode_ct, load_autoencoder, write_latent
+    from .validation import resolve_device
+
+    if not args.out.lower().endswith(LATENT_EXTENSIONS):
+        raise InputError(f"--out {args.out}: latents are written as .nii.gz or .nii")
+    out_folder = Path(args.out).parent
+    if str(out_folder) and not out_folder.is_dir():
+        raise InputError(f"--out {args.out}: folder {out_folder} does not exist")
+    budget = _budget_bytes(args.memory_budget)
+    device = resolve_device(args.device)
+    ct = read_volume(args.image)
+    autoencoder = load_autoencoder(args.weights, device)
+    latent, affine, sidecar = encode_ct(autoencoder, ct, device, budget, log=_say)
+    write_latent(args.out, latent, affine, sidecar)
+    print(f"wrote {args.out} ({'×'.join(map(str, latent.shape))} float32) and {args.out}.json")
+    return 0
+
+
+def _cmd_vae_decode(args) -> int:
+    from .io import check_output_path, write_volume
+    from .pipelines.vae import decode_latent, load_autoencoder, read_latent
+    from .validation import resolve_device
+
+    out = check_output_path(args.out)
+    if args.scale_factor <= 0:
+        raise InputError(f"--scale-factor {args.scale_factor:g}: must be positive")
+    budget = _budget_bytes(args.memory_budget)
+    device = resolve_device(args.device)
+    latent, affine = read_latent(args.latent)
+    autoencoder = load_autoencoder(args.weights, device)
+    ct = decode_latent(autoencoder, latent, affine, device, args.scale_factor, args.decode, budget, log=_say)
+    write_volume(out, ct)
+    print(f"wrote {out} (CT int16 HU, {'×'.join(map(str, ct.shape))} voxels)")
     return 0
 
 

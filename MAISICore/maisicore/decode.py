@@ -1,16 +1,27 @@
 """Latent → image decoding behind one function, so the decoder can be swapped.
 
 ``decode_latents`` returns the VAE output on the [0, 1] intensity scale (CT: clip(HU, −1000, 1000)
-mapped linearly). The ``plain`` decoder runs MONAI's ``decode_stage_2_outputs`` on the whole latent.
+mapped linearly). Methods:
+
+- ``exact`` (default): our tensor-splitting engine (``maisicore.tsp``), equal to the unsplit decode,
+  in memory bounded by ``memory_budget_bytes`` (default: what the device has free).
+- ``sliding-window``: the reference's fallback, MONAI's ``SlidingWindowInferer`` over latent
+  windows with Gaussian blending; each window has its own GroupNorm statistics, hence seams.
+- ``plain``: MONAI's ``decode_stage_2_outputs`` on the whole latent.
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import Callable, Sequence
 
 import torch
 
-DECODERS = ("plain",)
+from .errors import InputError
+
+DECODERS = ("exact", "sliding-window", "plain")
+SLIDING_WINDOW = (48, 48, 48)  # latent voxels (reference config_infer.json)
+SLIDING_OVERLAP = 0.6666
 
 
 def autocast_for(device: torch.device):
@@ -22,19 +33,50 @@ def autocast_for(device: torch.device):
 
 @torch.no_grad()
 def decode_latents(
-    autoencoder: torch.nn.Module, latents: torch.Tensor, scale_factor: float, method: str = "plain"
+    autoencoder: torch.nn.Module,
+    latents: torch.Tensor,
+    scale_factor: float,
+    method: str = "exact",
+    memory_budget_bytes: int | None = None,
+    window: Sequence[int] = SLIDING_WINDOW,
+    overlap: float = SLIDING_OVERLAP,
+    log: Callable[[str], None] | None = None,
 ) -> torch.Tensor:
-    """Decode ``latents`` (B, 4, X/4, Y/4, Z/4) to images (B, 1, X, Y, Z) float32 on CPU, clipped to [0, 1].
+    """Decode ``latents`` (1, 4, X/4, Y/4, Z/4) to an image (1, 1, X, Y, Z), float32 on CPU, clipped to [0, 1].
 
-    The latents are divided by ``scale_factor`` first (they were scaled by it for diffusion).
+    The latents are divided by ``scale_factor`` first (diffusion works on scaled latents).
     """
     if method not in DECODERS:
-        raise ValueError(f"unknown decode method {method!r}: choose one of {', '.join(DECODERS)}")
-    with autocast_for(latents.device):
-        image = autoencoder.decode_stage_2_outputs(latents / scale_factor)
+        raise InputError(f"--decode {method!r}: choose one of {', '.join(DECODERS)}")
+    z = latents / scale_factor
+    if method == "exact":
+        from .tsp import decode_exact
+
+        try:
+            image = decode_exact(autoencoder, z.float(), memory_budget_bytes, device=latents.device, log=log)
+        except MemoryError as exc:
+            raise InputError(str(exc)) from exc
+    elif method == "sliding-window":
+        from monai.inferers import SlidingWindowInferer
+
+        roi = [min(w, n) for w, n in zip(window, z.shape[2:])]
+        inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=1, overlap=overlap, mode="gaussian",
+                                       sw_device=latents.device, device=torch.device("cpu"))
+        with autocast_for(latents.device):
+            image = inferer(inputs=z, network=autoencoder.decode_stage_2_outputs)
+    else:
+        with autocast_for(latents.device):
+            image = autoencoder.decode_stage_2_outputs(z)
     return torch.clip(image.float(), 0.0, 1.0).cpu()
 
 
 def unit_to_hu(image01):
     """[0, 1] VAE scale → HU: 0 ↦ −1000, 1 ↦ 1000."""
     return image01 * 2000.0 - 1000.0
+
+
+def hu_to_unit(hu):
+    """HU → [0, 1] VAE scale, clipped to [−1000, 1000] HU first (how MAISI was trained)."""
+    import numpy as np
+
+    return (np.clip(hu, -1000.0, 1000.0) + 1000.0) / 2000.0

@@ -135,24 +135,13 @@ def _unet_common() -> dict[str, Any]:
     }
 
 
-def _official(name: str) -> ModelPreset:
-    if name == "rflow-ct":
-        v2_extras = {"num_class_embeds": 128, "resblock_updown": True, "include_fc": True}
-        unet = dict(
-            _unet_common(),
-            out_channels=4,
-            include_top_region_index_input=False,
-            include_bottom_region_index_input=False,
-            include_spacing_input=True,
-            **v2_extras,
-        )
-        controlnet = dict(
-            _unet_common(),
-            conditioning_embedding_in_channels=8,
-            conditioning_embedding_num_channels=[8, 32, 64],
-            **v2_extras,
-        )
-        scheduler = SchedulerSpec(
+# What differs between the two published models (config_network_{rflow,ddpm}.json).
+_VARIANTS = {
+    "rflow-ct": {
+        "blocks": {"num_class_embeds": 128, "resblock_updown": True, "include_fc": True},
+        "body_region": False,
+        "vae_num_splits": 4,
+        "scheduler": SchedulerSpec(
             kind="rflow",
             kwargs={
                 "num_train_timesteps": 1000,
@@ -162,35 +151,14 @@ def _official(name: str) -> ModelPreset:
                 "scale": 1.4,
             },
             default_steps=30,
-        )
-        return ModelPreset(
-            name=name,
-            width="official",
-            autoencoder=_autoencoder_official(num_splits=4),
-            diffusion_unet=unet,
-            controlnet=controlnet,
-            scheduler=scheduler,
-            weight_files=WeightFiles("autoencoder_v1.pt", "diff_unet_3d_rflow-ct.pt", "controlnet_3d_rflow-ct.pt"),
-            uses_body_region=False,
-            uses_modality=True,
-        )
-    if name == "ddpm-ct":
-        v1_extras = {"include_fc": False, "resblock_updown": False}
-        unet = dict(
-            _unet_common(),
-            out_channels=4,
-            include_top_region_index_input=True,
-            include_bottom_region_index_input=True,
-            include_spacing_input=True,
-            **v1_extras,
-        )
-        controlnet = dict(
-            _unet_common(),
-            conditioning_embedding_in_channels=8,
-            conditioning_embedding_num_channels=[8, 32, 64],
-            **v1_extras,
-        )
-        scheduler = SchedulerSpec(
+        ),
+        "files": WeightFiles("autoencoder_v1.pt", "diff_unet_3d_rflow-ct.pt", "controlnet_3d_rflow-ct.pt"),
+    },
+    "ddpm-ct": {
+        "blocks": {"include_fc": False, "resblock_updown": False},
+        "body_region": True,
+        "vae_num_splits": 8,
+        "scheduler": SchedulerSpec(
             kind="ddpm",
             kwargs={
                 "num_train_timesteps": 1000,
@@ -200,19 +168,42 @@ def _official(name: str) -> ModelPreset:
                 "clip_sample": False,
             },
             default_steps=1000,
-        )
-        return ModelPreset(
-            name=name,
-            width="official",
-            autoencoder=_autoencoder_official(num_splits=8),
-            diffusion_unet=unet,
-            controlnet=controlnet,
-            scheduler=scheduler,
-            weight_files=WeightFiles("autoencoder_v1.pt", "diff_unet_3d_ddpm-ct.pt", "controlnet_3d_ddpm-ct.pt"),
-            uses_body_region=True,
-            uses_modality=False,
-        )
-    raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}")
+        ),
+        "files": WeightFiles("autoencoder_v1.pt", "diff_unet_3d_ddpm-ct.pt", "controlnet_3d_ddpm-ct.pt"),
+    },
+}
+
+
+def _official(name: str) -> ModelPreset:
+    if name not in _VARIANTS:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}")
+    variant = _VARIANTS[name]
+    region = variant["body_region"]
+    unet = dict(
+        _unet_common(),
+        out_channels=4,
+        include_top_region_index_input=region,
+        include_bottom_region_index_input=region,
+        include_spacing_input=True,
+        **variant["blocks"],
+    )
+    controlnet = dict(
+        _unet_common(),
+        conditioning_embedding_in_channels=8,
+        conditioning_embedding_num_channels=[8, 32, 64],
+        **variant["blocks"],
+    )
+    return ModelPreset(
+        name=name,
+        width="official",
+        autoencoder=_autoencoder_official(num_splits=variant["vae_num_splits"]),
+        diffusion_unet=unet,
+        controlnet=controlnet,
+        scheduler=variant["scheduler"],
+        weight_files=variant["files"],
+        uses_body_region=region,
+        uses_modality="num_class_embeds" in variant["blocks"],
+    )
 
 
 def get_preset(name: str, width: str = "official") -> ModelPreset:

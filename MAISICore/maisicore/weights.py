@@ -113,7 +113,7 @@ def load_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
-def _state_dict_from(checkpoint: dict, key: str | None, path: Path, preset: ModelPreset) -> dict:
+def state_dict_from(checkpoint: dict, key: str | None, path: Path, preset: ModelPreset) -> dict:
     if key is None:  # autoencoder: plain state dict, or nested in older files
         state = checkpoint.get("unet_state_dict", checkpoint)
     else:
@@ -181,12 +181,12 @@ def load_model(preset: ModelPreset, weights_dir: str | os.PathLike, device: torc
 
     autoencoder = build_autoencoder(preset, "cpu")
     ae_path = paths["autoencoder"]
-    load_state(autoencoder, _state_dict_from(load_checkpoint(ae_path), None, ae_path, preset), ae_path, preset)
+    load_state(autoencoder, state_dict_from(load_checkpoint(ae_path), None, ae_path, preset), ae_path, preset)
 
     diffusion_unet = build_diffusion_unet(preset, "cpu")
     unet_path = paths["diffusion_unet"]
     unet_checkpoint = load_checkpoint(unet_path)
-    load_state(diffusion_unet, _state_dict_from(unet_checkpoint, "unet_state_dict", unet_path, preset), unet_path, preset)
+    load_state(diffusion_unet, state_dict_from(unet_checkpoint, "unet_state_dict", unet_path, preset), unet_path, preset)
     scale_factor = unet_checkpoint.get("scale_factor", None)
     if scale_factor is None:
         raise InputError(f"{unet_path}: no 'scale_factor' entry; it is needed to decode latents")
@@ -198,7 +198,7 @@ def load_model(preset: ModelPreset, weights_dir: str | os.PathLike, device: torc
     cn_path = paths["controlnet"]
     load_state(
         controlnet,
-        _state_dict_from(load_checkpoint(cn_path), "controlnet_state_dict", cn_path, preset),
+        state_dict_from(load_checkpoint(cn_path), "controlnet_state_dict", cn_path, preset),
         cn_path,
         preset,
         allow_missing=frozenset(shared),

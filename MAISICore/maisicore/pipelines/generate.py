@@ -182,9 +182,17 @@ def generate_latents(
         return sample(make_denoise_fn(model, plan), x, schedule, step_generator, callback, cancel)
 
 
-def latents_to_ct(model: LoadedModel, latents: torch.Tensor, plan: GenerationPlan) -> Volume:
+def latents_to_ct(
+    model: LoadedModel,
+    latents: torch.Tensor,
+    plan: GenerationPlan,
+    decode: str = "exact",
+    memory_budget_bytes: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Volume:
     """Decode, map to HU, set background to −1000 and return an int16 volume on the output grid."""
-    image01 = decode_latents(model.autoencoder, latents, model.scale_factor)[0, 0].numpy()
+    image01 = decode_latents(model.autoencoder, latents, model.scale_factor, decode, memory_budget_bytes, log=log)
+    image01 = image01[0, 0].numpy()
     hu = unit_to_hu(image01)
     if plan.labels is not None:
         hu[plan.labels == BACKGROUND] = HU_BACKGROUND
@@ -200,19 +208,25 @@ def generate(
     seed: int = 0,
     progress: ProgressFn | None = None,
     cancel: Callable[[], bool] | None = None,
+    decode: str = "exact",
+    memory_budget_bytes: int | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Volume:
     """Run a checked plan: a synthetic CT (int16 HU, (x, y, z), index → RAS affine).
 
     Args:
         progress: called as ``progress(stage, done, total)``; stages ``denoise`` then ``decode``.
         cancel: checked between steps; returning True raises ``maisicore.errors.Cancelled``.
+        decode: ``exact`` (tensor splitting, default), ``sliding-window`` (reference) or ``plain``.
+        memory_budget_bytes: for the exact decode; default what the device has free.
+        log: receives one-line notes (the decode plan).
     """
     latents = generate_latents(model, plan, seed, progress, cancel)
     if cancel is not None and cancel():
         raise Cancelled("cancelled by the user")
     if progress:
         progress("decode", 0, 1)
-    ct = latents_to_ct(model, latents, plan)
+    ct = latents_to_ct(model, latents, plan, decode, memory_budget_bytes, log)
     if progress:
         progress("decode", 1, 1)
     return ct
