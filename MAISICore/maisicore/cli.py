@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="paired generation without a mask: comma-separated MAISI anatomy names (e.g. "
                           "\"liver,hepatic tumor\") a mask from --mask-db must contain")
     gen.add_argument("--mask-db", metavar="JSON",
-                     help="candidate mask database (reference candidate_masks_*.json) for --anatomy")
+                     help="candidate mask database (reference candidate_masks_*.json) for --anatomy; default "
+                          "$MAISI_HOME/datasets/candidate_masks_flexible_size_and_spacing_4000.json")
     gen.add_argument("--mask-dir", metavar="DIR", help="folder of the database's mask files (default: the JSON's folder)")
     gen.add_argument("--label-out", metavar="LABELS", help="also write the label volume the CT was generated from")
     gen.add_argument("--qc-retries", type=int, default=0, metavar="N",
@@ -231,8 +232,15 @@ def _paired_mask(args, preset, rng):
     from .maskdb import load_database, prepare_mask, select_candidates
     from .presets import DEFAULT_SIZE, DEFAULT_SPACING_MM
 
-    if not args.mask_db:
-        raise InputError("--anatomy needs --mask-db JSON (the candidate mask database)")
+    mask_db, mask_dir = args.mask_db, args.mask_dir
+    if not mask_db:  # the reference's download layout under $MAISI_HOME/datasets
+        from .weights import default_weights_root
+
+        datasets = default_weights_root().parent / "datasets"
+        mask_db = datasets / "candidate_masks_flexible_size_and_spacing_4000.json"
+        mask_dir = mask_dir or datasets / "all_masks_flexible_size_and_spacing_4000"
+        if not mask_db.is_file():
+            raise InputError(f"--anatomy needs a candidate mask database: give --mask-db JSON (none at {mask_db})")
     table = label_table()
     anatomy_ids = []
     for name in (n.strip() for n in args.anatomy.split(",") if n.strip()):
@@ -242,7 +250,7 @@ def _paired_mask(args, preset, rng):
         anatomy_ids.append(info.id)
     size = tuple(args.size or DEFAULT_SIZE)
     spacing = tuple(args.spacing or DEFAULT_SPACING_MM)
-    candidates = select_candidates(load_database(args.mask_db, args.mask_dir), anatomy_ids, args.body_region, size, spacing)
+    candidates = select_candidates(load_database(mask_db, mask_dir), anatomy_ids, args.body_region, size, spacing)
     if candidates[0][1]:  # several on the exact grid: pick among them at random (seeded)
         order = rng.permutation(len(candidates))
         candidates = [candidates[i] for i in order]

@@ -26,7 +26,7 @@ past them, so a layer's input shrinks while its output grows. Two modes:
   slices), not on the volume. More convolutions (about 5×), same result.
 - ``partial`` (chosen by ``auto`` only): the lower levels layered, the highest level streamed.
 
-``plan_decode`` picks the mode and slab thickness that fit a memory budget (default: available
+``make_plan`` picks the mode and slab thickness that fit a memory budget (default: available
 memory minus a margin) and refuses only when even the smallest plan does not fit. On CUDA the
 stored tensors live in host memory and slabs are computed on the device.
 """
@@ -101,7 +101,8 @@ class Node:
         return self.channels * self.plane[0] * self.plane[1] * FLOAT_BYTES
 
     # reading ---------------------------------------------------------------------------------
-    def read(self, a: int, b: int, consumer: int, engine: "Engine") -> torch.Tensor:
+    def read(self, a: int, b: int, engine: "Engine") -> torch.Tensor:
+        """Slices [a, b) (clipped to the volume): stored, cached, or computed now."""
         a, b = max(a, 0), min(b, self.length)
         if self.stored or self.cached:
             have_end = self.chunks[-1][1] if self.chunks else None
@@ -137,7 +138,7 @@ class Node:
         """Slices [a, b) of ``source`` on the compute device, zero-padded where outside the volume;
         returns (slab, zeros before, zeros after)."""
         lo, hi = max(a, 0), min(b, source.length)
-        x = source.read(lo, hi, id(self), engine).to(engine.device, non_blocking=True)
+        x = source.read(lo, hi, engine).to(engine.device, non_blocking=True)
         before, after = lo - a, b - hi
         if before or after:
             x = F.pad(x, (0, 0, 0, 0, before, after))
@@ -196,7 +197,7 @@ class Interp(Node):
     def compute(self, a: int, b: int, engine: "Engine") -> torch.Tensor:
         (source,) = self.sources
         lo, hi = max(a // 2 - 1, 0), min(-(-b // 2) + 1, source.length)
-        x = source.read(lo, hi, id(self), engine).to(engine.device, non_blocking=True)
+        x = source.read(lo, hi, engine).to(engine.device, non_blocking=True)
         y = F.interpolate(x, scale_factor=2.0, mode="trilinear")
         return y.narrow(2, a - 2 * lo, b - a)
 
@@ -218,7 +219,7 @@ class Norm(Node):
             view = (1, -1, 1, 1, 1)
             self.coefficients = tuple(t.to(engine.device).view(view) for t in (mean, inv_std, w, bias))
         mean, inv_std, w, bias = self.coefficients
-        x = source.read(a, b, id(self), engine).to(engine.device, non_blocking=True)
+        x = source.read(a, b, engine).to(engine.device, non_blocking=True)
         y = (x.float() - mean) * inv_std * w + bias
         return F.silu(y) if self.silu else y
 
@@ -231,8 +232,8 @@ class Add(Node):
 
     def compute(self, a: int, b: int, engine: "Engine") -> torch.Tensor:
         left, right = self.sources
-        x = left.read(a, b, id(self), engine).to(engine.device, non_blocking=True)
-        return x + right.read(a, b, id(self), engine).to(engine.device, non_blocking=True)
+        x = left.read(a, b, engine).to(engine.device, non_blocking=True)
+        return x + right.read(a, b, engine).to(engine.device, non_blocking=True)
 
 
 class Stack(Node):
@@ -242,7 +243,7 @@ class Stack(Node):
         super().__init__(parts, sum(p.channels for p in parts), parts[0].length, parts[0].plane)
 
     def compute(self, a: int, b: int, engine: "Engine") -> torch.Tensor:
-        return torch.cat([p.read(a, b, id(self), engine).to(engine.device) for p in self.sources], dim=1)
+        return torch.cat([p.read(a, b, engine).to(engine.device) for p in self.sources], dim=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,7 +442,6 @@ def _only_feeds_add(node: Node, order) -> bool:
 def _estimate(output: Node, sweeps: list[Sweep], stored: set[int], slab: int) -> tuple[int, float]:
     """Rough peak bytes of activations and the convolution work of a schedule."""
     order = _walk(output)
-    index = {id(n): i for i, n in enumerate(order)}
     # last sweep that reads each stored node
     last_use: dict[int, int] = {}
     for s, sweep in enumerate(sweeps):
@@ -632,7 +632,7 @@ class Engine:
             for a in range(0, length, step):
                 b = min(a + step, length)
                 for target, store, with_stats in zip(sweep.targets, sweep.store, sweep.stats):
-                    y = target.compute(a, b, self) if store else target.read(a, b, None, self)
+                    y = target.compute(a, b, self) if store else target.read(a, b, self)
                     if with_stats:
                         target.stats.update(y)
                     if store:
