@@ -170,6 +170,34 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--out", required=True, metavar="CT")
     decode.set_defaults(handler=_cmd_vae_decode)
 
+    inpaint = commands.add_parser(
+        "inpaint",
+        help="inpaint a tumour into a CT (latent blending with the ControlNet models)",
+        description=(
+            "Generate a tumour inside a real CT: from --tumor-mask, or a smooth irregular ball at --tumor-center "
+            "(RAS mm) of --tumor-diameter (mm), clipped to its host organ when --labels are given. Only a region "
+            "around the tumour is encoded, regenerated and decoded; voxels outside the dilated tumour are "
+            "copied unchanged. The output has the input's shape, dtype (int16) and affine."
+        ),
+    )
+    inpaint.add_argument("--image", required=True, metavar="CT")
+    inpaint.add_argument("--tumor-mask", metavar="M", help="binary tumour mask on the CT's grid")
+    inpaint.add_argument("--tumor-center", nargs=3, type=float, metavar=("X", "Y", "Z"), help="RAS, mm")
+    inpaint.add_argument("--tumor-diameter", type=float, metavar="MM")
+    inpaint.add_argument("--tumor-type", required=True, metavar="NAME",
+                         help='"hepatic tumor", "pancreatic tumor", "lung tumor", "colon cancer primaries", "bone lesion"')
+    inpaint.add_argument("--labels", metavar="LABELS", help="MAISI anatomy labels on the CT's grid")
+    inpaint.add_argument("--model", default="rflow-ct", metavar="rflow-ct|ddpm-ct|DIR")
+    inpaint.add_argument("--weights-dir", metavar="DIR")
+    inpaint.add_argument("--seed", type=int, default=0)
+    inpaint.add_argument("--steps", type=_positive_int)
+    inpaint.add_argument("--device", default="auto")
+    inpaint.add_argument("--allow-any-size", action="store_true",
+                         help="accepted for symmetry with generate: the inpainting region is always a multiple of 32")
+    inpaint.add_argument("--out", required=True, metavar="CT_WITH_TUMOR")
+    inpaint.add_argument("--label-out", metavar="L", help="anatomy used and the tumour, dictionary ids")
+    inpaint.set_defaults(handler=_cmd_inpaint)
+
     qc = commands.add_parser(
         "qc",
         help="check organ HU medians of a CT against real-CT ranges",
@@ -446,6 +474,53 @@ def _cmd_vae_decode(args) -> int:
     ct = decode_latent(autoencoder, latent, affine, device, args.scale_factor, args.decode, budget, log=_say)
     write_volume(out, ct)
     print(f"wrote {out} (CT int16 HU, {'×'.join(map(str, ct.shape))} voxels)")
+    return 0
+
+
+def _cmd_inpaint(args) -> int:
+    from .io import check_output_path, read_volume, write_volume
+    from .pipelines.inpaint import ball_tumor, check_host, inpaint, tumor_id
+    from .validation import resolve_device
+    from .weights import check_weight_files, load_model, resolve_model
+
+    out = check_output_path(args.out)
+    label_out = check_output_path(args.label_out, "--label-out") if args.label_out else None
+    tumor_id(args.tumor_type)
+    if bool(args.tumor_mask) == (args.tumor_center is not None):
+        raise InputError("give either --tumor-mask, or --tumor-center with --tumor-diameter")
+    if args.tumor_center is not None and (args.tumor_diameter is None or args.tumor_diameter <= 0):
+        raise InputError("--tumor-center needs --tumor-diameter MM (a positive number)")
+    preset, weights_dir = resolve_model(args.model, args.weights_dir)
+    check_weight_files(preset, weights_dir)
+    device = resolve_device(args.device)
+    ct = read_volume(args.image)
+    labels = read_volume(args.labels) if args.labels else None
+    if labels is not None and (labels.shape != ct.shape or not np.allclose(labels.affine, ct.affine, atol=1e-4)):
+        raise InputError(f"--labels {args.labels} is not on the image's grid (shape and affine must match)")
+    if args.tumor_mask:
+        mask_volume = read_volume(args.tumor_mask)
+        if mask_volume.shape != ct.shape or not np.allclose(mask_volume.affine, ct.affine, atol=1e-4):
+            raise InputError(f"--tumor-mask {args.tumor_mask} is not on the image's grid (shape and affine must match)")
+        mask = np.asarray(mask_volume.array) != 0
+        if not mask.any():
+            raise InputError(f"--tumor-mask {args.tumor_mask} is empty")
+        mask = check_host(labels, mask, args.tumor_type)
+    else:
+        mask = ball_tumor(ct, args.tumor_center, args.tumor_diameter, args.seed)
+        mask = check_host(labels, mask, args.tumor_type, args.tumor_center)
+    model = load_model(preset, weights_dir, device)
+    _say(f"{preset.key} on {device}: inpainting {args.tumor_type} ({int(mask.sum())} voxels), seed {args.seed}")
+    result = inpaint(model, ct, mask, args.tumor_type, labels, args.seed, args.steps, progress=_ProgressBars())
+    for note in result.notes:
+        _say(f"note: {note}")
+    ct_out = result.ct
+    ct_out.array = ct_out.array.astype(ct.array.dtype) if np.issubdtype(ct.array.dtype, np.integer) else ct_out.array
+    write_volume(out, ct_out)
+    written = [str(out)]
+    if label_out is not None:
+        write_volume(label_out, result.labels)
+        written.append(str(label_out))
+    print(f"wrote {', '.join(written)} (region {'×'.join(map(str, result.roi_shape))} voxels regenerated around the tumour)")
     return 0
 
 

@@ -20,6 +20,7 @@ def sample(
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
     cancel: Callable[[], bool] | None = None,
+    after_step: Callable[[torch.Tensor, Step], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run the reverse diffusion from noise ``x``.
 
@@ -30,6 +31,7 @@ def sample(
         generator: random source for stochastic schedulers (DDPM).
         callback: called as ``callback(done_steps, total_steps)`` after each step.
         cancel: checked before each step; returning True raises ``Cancelled``.
+        after_step: ``(x, step) -> x`` applied after each step (inpainting puts the known latent back).
 
     Returns:
         The denoised latent, same shape as ``x``.
@@ -42,6 +44,8 @@ def sample(
         t = torch.Tensor((step.t,)).to(x.device)
         model_output = denoise_fn(x, t)
         x = schedule.step(model_output, step, x, generator)
+        if after_step is not None:
+            x = after_step(x, step)
         if callback is not None:
             callback(step.index + 1, total)
     return x

@@ -57,3 +57,14 @@ class Schedule:
         else:
             x_next, _ = self.scheduler.step(model_output, step.t, x, generator=generator)
         return x_next
+
+    def noised(self, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``clean`` diffused to timestep ``t`` with ``noise`` (the training forward process);
+        ``t`` = 0 gives ``clean``."""
+        if float(t) <= 0:
+            return clean
+        if self.kind == "rflow":
+            timesteps = torch.full((clean.shape[0],), float(t), device=clean.device)
+        else:
+            timesteps = torch.full((clean.shape[0],), int(t), dtype=torch.long, device=clean.device)
+        return self.scheduler.add_noise(original_samples=clean, noise=noise, timesteps=timesteps).to(clean.dtype)

@@ -1,0 +1,280 @@
+"""Inpaint a tumour into a real CT with the published ControlNet models, by latent blending.
+
+Stages:
+1. Tumour mask: the user's, or a smooth irregular ball around a point (RAS mm) of a given diameter
+   (mm), clipped to its host organ when organ labels are given.
+2. Region of interest (ROI): the tumour's bounding box plus a context margin, cut from the CT in its
+   closest-RAS index order (no resampling), sized to a multiple of 32 voxels (the model's grid), air
+   outside the scan. Everything after this step costs what the ROI costs, not what the scan does.
+3. Encode the ROI (exact split encoder). Run the diffusion with the ControlNet following the
+   anatomy + tumour labels; after every step the latent outside the (dilated) tumour region is
+   replaced by the original latent diffused to that step, so only the tumour region is generated.
+4. Decode, then composite: inside the tumour the generated CT, fading to the original over a
+   feathered band; outside the dilated tumour region the input voxels are copied unchanged.
+
+Arrays are (x, y, z) with index → RAS affines (mm); HU int16 in and out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..decode import autocast_for, decode_latents, hu_to_unit, unit_to_hu
+from ..errors import Cancelled, InputError
+from ..geometry import Volume, to_closest_ras, undo_reorientation
+from ..labels import label_table
+from ..sampling import sample
+from ..schedulers import Schedule
+from ..weights import LoadedModel
+from .generate import GenerationPlan, initial_noise, make_denoise_fn
+
+CONTEXT_MM = 24.0  # context kept around the tumour on each side
+FEATHER_VOXELS = 2  # the blend band outside the tumour
+MAX_ROI_VOXELS = 256  # the largest side the ROI may have
+GRID_MULTIPLE = 32
+
+
+TUMOR_HOSTS = {  # tumour type (MAISI name) → its host organ group
+    "hepatic tumor": "liver",
+    "pancreatic tumor": "pancreas",
+    "lung tumor": "lung",
+    "colon cancer primaries": "colon",
+    "bone lesion": "bone",
+}
+
+
+def tumor_host_ids() -> dict[str, tuple[int, ...]]:
+    """Tumour type (MAISI name) → host organ label ids (organ groups of the quality check)."""
+    from ..qc import organ_groups
+
+    groups = dict(organ_groups(), colon=(label_table().by_name("colon").id,))
+    return {tumor: groups[host] for tumor, host in TUMOR_HOSTS.items()}
+
+
+def tumor_id(tumor_type: str) -> int:
+    """MAISI id of a tumour type (name, synonym); refuses anything that is not a tumour."""
+    info = label_table().by_segment_name(tumor_type)
+    if info is None or not info.tumor:
+        names = ", ".join(f'"{n}"' for n in tumor_host_ids())
+        raise InputError(f"--tumor-type {tumor_type!r}: not a tumour type; choose one of {names}")
+    return info.id
+
+
+def ball_tumor(ct: Volume, center_ras, diameter_mm: float, seed: int) -> np.ndarray:
+    """Boolean (x, y, z) mask on ``ct``'s grid: a ball of ``diameter_mm`` around ``center_ras`` (mm)
+    whose radius varies smoothly with direction (±15 %), so it is irregular but smooth."""
+    from scipy import ndimage
+
+    spacing = np.asarray(ct.spacing)
+    side = np.ceil((diameter_mm * 1.15 + 2 * CONTEXT_MM) / spacing.min())
+    if side > MAX_ROI_VOXELS:
+        largest = (MAX_ROI_VOXELS * spacing.min() - 2 * CONTEXT_MM) / 1.15
+        raise InputError(
+            f"--tumor-diameter {diameter_mm:g} mm is too large for the inpainting region ({int(side)} voxels per side "
+            f"at {spacing.min():g} mm, at most {MAX_ROI_VOXELS}); use at most {largest:.0f} mm"
+        )
+    inverse = np.linalg.inv(ct.affine)
+    centre = (inverse @ np.append(np.asarray(center_ras, dtype=np.float64), 1.0))[:3]
+    if np.any(centre < -0.5) or np.any(centre > np.asarray(ct.shape) - 0.5):
+        raise InputError(
+            f"--tumor-center {' '.join(f'{c:g}' for c in center_ras)} (RAS mm) lies outside the image "
+            f"(voxel {np.round(centre, 1).tolist()} of {list(ct.shape)})"
+        )
+    radius = diameter_mm / 2.0
+    reach = np.ceil((radius * 1.2) / spacing).astype(int) + 2
+    lo = np.maximum(np.floor(centre).astype(int) - reach, 0)
+    hi = np.minimum(np.ceil(centre).astype(int) + reach + 1, ct.shape)
+    grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), axis=-1)
+    offset_mm = (grid - centre) @ ct.affine[:3, :3].T
+    distance = np.linalg.norm(offset_mm, axis=-1)
+    rng = np.random.default_rng(seed)
+    bumps = ndimage.gaussian_filter(rng.standard_normal(distance.shape), sigma=max(distance.shape) / 6.0)
+    bumps /= np.abs(bumps).max() + 1e-9
+    mask = np.zeros(ct.shape, bool)
+    mask[tuple(slice(a, b) for a, b in zip(lo, hi))] = distance <= radius * (1.0 + 0.15 * bumps)
+    return mask
+
+
+@dataclass
+class InpaintResult:
+    ct: Volume  # int16 HU on the input grid
+    labels: Volume  # anatomy used + the tumour, dictionary ids, on the input grid
+    roi_shape: tuple[int, int, int]
+    notes: list[str]
+
+
+def _roi_box(mask_ras: np.ndarray, spacing, shape) -> tuple[np.ndarray, np.ndarray]:
+    """Start index (may be negative) and size of the ROI around the tumour, sizes multiples of 32."""
+    where = np.argwhere(mask_ras)
+    lo, hi = where.min(axis=0), where.max(axis=0) + 1
+    margin = np.ceil(CONTEXT_MM / np.asarray(spacing)).astype(int)
+    need = hi - lo + 2 * margin
+    size = np.maximum(GRID_MULTIPLE, -(-need // GRID_MULTIPLE) * GRID_MULTIPLE)
+    if np.any(size > MAX_ROI_VOXELS):
+        raise InputError(
+            f"the tumour is too large for the inpainting region: {'×'.join(map(str, size))} voxels needed, at most "
+            f"{MAX_ROI_VOXELS} per side; reduce --tumor-diameter"
+        )
+    start = (lo + hi) // 2 - size // 2
+    return start, size
+
+
+def _crop(array: np.ndarray, start, size, fill) -> np.ndarray:
+    """``array[start:start+size]`` with ``fill`` outside the array."""
+    out = np.full(tuple(size), fill, dtype=array.dtype)
+    src_lo = np.maximum(start, 0)
+    src_hi = np.minimum(start + size, array.shape)
+    dst_lo = src_lo - start
+    dst_hi = dst_lo + (src_hi - src_lo)
+    out[tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi))] = array[tuple(slice(a, b) for a, b in zip(src_lo, src_hi))]
+    return out
+
+
+def inpaint(
+    model: LoadedModel,
+    ct: Volume,
+    tumor_mask: np.ndarray,
+    tumor_type: str,
+    labels: Volume | None = None,
+    seed: int = 0,
+    steps: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> InpaintResult:
+    """Generate a ``tumor_type`` tumour inside ``tumor_mask`` (bool, ``ct``'s grid) of ``ct`` (HU).
+
+    ``labels``: MAISI anatomy labels on ``ct``'s grid (e.g. from ``maisi labels convert``); without
+    them the body envelope of the ROI and the tumour are the only condition (quality drops).
+    Voxels outside the dilated tumour region are returned unchanged.
+    """
+    from scipy import ndimage
+
+    from ..body import body_from_ct
+
+    notes: list[str] = []
+    label_id = tumor_id(tumor_type)
+    if tumor_mask.shape != ct.shape:
+        raise InputError(f"the tumour mask's shape {tumor_mask.shape} differs from the image's {ct.shape}")
+    if not tumor_mask.any():
+        raise InputError("the tumour mask is empty")
+    if labels is not None and (labels.shape != ct.shape or not np.allclose(labels.affine, ct.affine, atol=1e-4)):
+        raise InputError("--labels is not on the image's grid (shape and affine must match)")
+
+    # 2. ROI in the closest-RAS frame (a permutation/flip: no resampling, exact round trip).
+    ct_ras, reorientation = to_closest_ras(ct)
+    mask_ras, _ = to_closest_ras(Volume(tumor_mask.astype(np.uint8), ct.affine))
+    mask_ras = mask_ras.array.astype(bool)
+    start, size = _roi_box(mask_ras, ct_ras.spacing, ct_ras.shape)
+    roi_ct = _crop(ct_ras.array.astype(np.int16), start, size, -1000)
+    roi_tumor = _crop(mask_ras, start, size, False)
+    if labels is not None:
+        labels_ras, _ = to_closest_ras(labels)
+        roi_labels = _crop(np.rint(labels_ras.array).astype(np.int16), start, size, 0)
+    else:
+        body = body_from_ct(roi_ct)
+        roi_labels = np.where(body, label_table().by_name("body").id, 0).astype(np.int16)
+        notes.append("no --labels: the condition is the body envelope and the tumour only; expect lower quality")
+    roi_labels = roi_labels.copy()
+    roi_labels[roi_tumor] = label_id
+    edit = ndimage.binary_dilation(roi_tumor, iterations=FEATHER_VOXELS)
+
+    # 3. Encode, then denoise with the known latent put back outside the tumour region.
+    from ..tsp import encode_exact
+
+    device = model.device
+    image01 = torch.from_numpy(hu_to_unit(roi_ct.astype(np.float32)).astype(np.float32))[None, None]
+    mu, _ = encode_exact(model.autoencoder, image01, device=device)
+    known = (mu * model.scale_factor).to(device)
+    latent_edit = torch.from_numpy(edit)[None, None].float()
+    latent_edit = torch.nn.functional.max_pool3d(latent_edit, 4)
+    latent_edit = torch.nn.functional.max_pool3d(latent_edit, 3, stride=1, padding=1).to(device)  # + 1 latent voxel
+    spacing = tuple(float(s) for s in ct_ras.spacing)
+    plan = GenerationPlan(
+        size=tuple(int(s) for s in size),
+        spacing=spacing,
+        steps=int(steps or model.preset.scheduler.default_steps),
+        labels=roi_labels.astype(np.int64),
+        body_region=_region(model, roi_labels),
+        output_affine=np.eye(4),
+        reorientation=None,
+    )
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    noise = initial_noise(plan.latent_shape, generator).to(device, known.dtype if device.type == "cuda" else torch.float32)
+    schedule = Schedule(model.preset, plan.steps, plan.latent_shape[1:])
+    known = known.to(noise.dtype)
+
+    def put_back_known(x: torch.Tensor, step) -> torch.Tensor:
+        return latent_edit * x + (1 - latent_edit) * schedule.noised(known, noise, step.next_t)
+
+    callback = (lambda done, total: progress("denoise", done, total)) if progress else None
+    step_generator = generator if device.type == "cpu" else torch.Generator(device).manual_seed(int(seed) + 1)
+    with torch.no_grad(), autocast_for(device):
+        latents = sample(make_denoise_fn(model, plan), noise, schedule, step_generator, callback, cancel, put_back_known)
+    if cancel is not None and cancel():
+        raise Cancelled("cancelled by the user")
+
+    # 4. Decode and composite inside the dilated tumour region only.
+    if progress:
+        progress("decode", 0, 1)
+    generated = unit_to_hu(decode_latents(model.autoencoder, latents, model.scale_factor)[0, 0].numpy())
+    if progress:
+        progress("decode", 1, 1)
+    weight = np.clip(1.0 - ndimage.distance_transform_edt(~roi_tumor) / (FEATHER_VOXELS + 1), 0.0, 1.0)
+    weight[~edit] = 0.0
+    blended = np.rint(weight * generated + (1.0 - weight) * roi_ct).astype(np.int16)
+    roi_out = np.where(edit, blended, roi_ct)
+
+    out_ras = ct_ras.array.astype(np.int16).copy()
+    out_labels_ras = (
+        np.rint(to_closest_ras(labels)[0].array).astype(np.int16) if labels is not None else np.zeros(ct_ras.shape, np.int16)
+    )
+    src_lo = np.maximum(start, 0)
+    src_hi = np.minimum(start + size, ct_ras.shape)
+    dst = tuple(slice(a, b) for a, b in zip(src_lo, src_hi))
+    roi = tuple(slice(a - s, b - s) for a, b, s in zip(src_lo, src_hi, start))
+    out_ras[dst] = np.where(edit[roi], roi_out[roi], out_ras[dst])
+    region = out_labels_ras[dst]
+    region[roi_tumor[roi]] = label_id
+    if labels is None:
+        body = roi_labels[roi]
+        region[(region == 0) & (body != 0)] = body[(region == 0) & (body != 0)]
+    ct_out = undo_reorientation(out_ras, reorientation)
+    labels_out = undo_reorientation(out_labels_ras, reorientation)
+    return InpaintResult(Volume(ct_out, ct.affine.copy()), Volume(labels_out, ct.affine.copy()), tuple(size), notes)
+
+
+def _region(model: LoadedModel, labels: np.ndarray):
+    if not model.preset.uses_body_region:
+        return None
+    from ..labels import body_region_from_mask
+
+    return body_region_from_mask(labels) or ("abdomen", "abdomen")
+
+
+def check_host(labels: Volume | None, tumor_mask: np.ndarray, tumor_type: str, center_ras=None) -> np.ndarray:
+    """Clip a tumour mask to its host organ (when labels are given); refuses a tumour whose centre
+    is outside the host or that keeps less than a quarter of its voxels inside it."""
+    if labels is None:
+        return tumor_mask
+    tumor_type = label_table().by_id(tumor_id(tumor_type)).name
+    hosts = tumor_host_ids().get(tumor_type, ())
+    host = np.isin(np.rint(labels.array).astype(np.int64), hosts)
+    organ = TUMOR_HOSTS[tumor_type]
+    if center_ras is not None:
+        index = np.rint((np.linalg.inv(labels.affine) @ np.append(np.asarray(center_ras, float), 1.0))[:3]).astype(int)
+        index = np.clip(index, 0, np.asarray(labels.shape) - 1)
+        if not host[tuple(index)]:
+            raise InputError(
+                f"--tumor-center is outside its host organ ({organ}) in --labels; move it inside the {organ}"
+            )
+    clipped = tumor_mask & host
+    if clipped.sum() < 0.25 * tumor_mask.sum():
+        raise InputError(
+            f"the tumour lies mostly outside its host organ ({organ}): {int(clipped.sum())} of "
+            f"{int(tumor_mask.sum())} voxels inside; reduce --tumor-diameter or move it"
+        )
+    return clipped
