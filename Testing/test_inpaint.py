@@ -70,6 +70,14 @@ def test_inpaint_api_with_a_user_mask_and_no_labels(tiny_weights, real_data):
     assert np.array_equal(result.ct.affine, ct.affine)
     assert seen.count("denoise") == 3 and seen[-1] == "decode"
     assert (result.labels.array == 26).sum() == mask.sum()
+    # A float CT keeps its dtype and its values outside the tumour region.
+    from scipy import ndimage
+
+    floating = Volume(ct.array.astype(np.float32) + 0.25, ct.affine)
+    result = inpaint(model, floating, mask, "hepatic tumor", None, seed=1, steps=2)
+    outside = ~ndimage.binary_dilation(mask, iterations=2)
+    assert result.ct.array.dtype == np.float32
+    assert np.array_equal(result.ct.array[outside], floating.array[outside])
 
 
 def test_cost_follows_the_region_not_the_scan(tiny_weights, real_data):

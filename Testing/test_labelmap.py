@@ -14,7 +14,7 @@ from maisicore.body import body_from_ct, fill_holes, largest_component
 from maisicore.geometry import Volume
 from maisicore.grids import Grid, closest_valid_grid, image_on_grid, labels_on_grid
 from maisicore.io import read_volume, write_volume
-from maisicore.labelmap import labels_from_masks, read_totalsegmentator, with_body_envelope
+from maisicore.labelmap import labels_from_masks, read_totalsegmentator
 from maisicore.labels import label_table
 
 

@@ -513,9 +513,7 @@ def _cmd_inpaint(args) -> int:
     result = inpaint(model, ct, mask, args.tumor_type, labels, args.seed, args.steps, progress=_ProgressBars())
     for note in result.notes:
         _say(f"note: {note}")
-    ct_out = result.ct
-    ct_out.array = ct_out.array.astype(ct.array.dtype) if np.issubdtype(ct.array.dtype, np.integer) else ct_out.array
-    write_volume(out, ct_out)
+    write_volume(out, result.ct)
     written = [str(out)]
     if label_out is not None:
         write_volume(label_out, result.labels)

@@ -101,11 +101,11 @@ def labels_from_masks(
     out = np.zeros(shape, dtype=np.int16)
     claimed = np.zeros(shape, dtype=np.uint8)
     # Paint low priority first, larger first, so tumours and small structures end on top.
-    for info, source, mask, voxels in sorted(resolved, key=lambda r: (_tier(r[0]), -r[3])):
+    for info, _source, mask, _voxels in sorted(resolved, key=lambda r: (_tier(r[0]), -r[3])):
         out[mask] = info.id
         claimed[mask] = np.minimum(claimed[mask] + 1, 2)
     report.overlap_voxels = int((claimed > 1).sum())
-    for info, source, mask, voxels in resolved:
+    for info, source, mask, _voxels in resolved:
         report.mapped.append({"source": source, "id": info.id, "name": info.name, "voxels": int((out == info.id)[mask].sum())})
     return Volume(out, affine), report
 

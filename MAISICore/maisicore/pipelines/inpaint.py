@@ -12,7 +12,7 @@ Stages:
 4. Decode, then composite: inside the tumour the generated CT, fading to the original over a
    feathered band; outside the dilated tumour region the input voxels are copied unchanged.
 
-Arrays are (x, y, z) with index → RAS affines (mm); HU int16 in and out.
+Arrays are (x, y, z) with index → RAS affines (mm); HU in, HU out in the input's dtype.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def ball_tumor(ct: Volume, center_ras, diameter_mm: float, seed: int) -> np.ndar
 
 @dataclass
 class InpaintResult:
-    ct: Volume  # int16 HU on the input grid
+    ct: Volume  # HU on the input grid, in the input's dtype
     labels: Volume  # anatomy used + the tumour, dictionary ids, on the input grid
     roi_shape: tuple[int, int, int]
     notes: list[str]
@@ -169,7 +169,7 @@ def inpaint(
     mask_ras, _ = to_closest_ras(Volume(tumor_mask.astype(np.uint8), ct.affine))
     mask_ras = mask_ras.array.astype(bool)
     start, size = _roi_box(mask_ras, ct_ras.spacing, ct_ras.shape)
-    roi_ct = _crop(ct_ras.array.astype(np.int16), start, size, -1000)
+    roi_ct = _crop(ct_ras.array, start, size, -1000)  # the input's dtype, air outside the scan
     roi_tumor = _crop(mask_ras, start, size, False)
     if labels is not None:
         labels_ras, _ = to_closest_ras(labels)
@@ -225,10 +225,13 @@ def inpaint(
         progress("decode", 1, 1)
     weight = np.clip(1.0 - ndimage.distance_transform_edt(~roi_tumor) / (FEATHER_VOXELS + 1), 0.0, 1.0)
     weight[~edit] = 0.0
-    blended = np.rint(weight * generated + (1.0 - weight) * roi_ct).astype(np.int16)
-    roi_out = np.where(edit, blended, roi_ct)
+    blended = weight * generated + (1.0 - weight) * roi_ct
+    if np.issubdtype(roi_ct.dtype, np.integer):
+        info = np.iinfo(roi_ct.dtype)
+        blended = np.clip(np.rint(blended), info.min, info.max)
+    roi_out = np.where(edit, blended.astype(roi_ct.dtype), roi_ct)
 
-    out_ras = ct_ras.array.astype(np.int16).copy()
+    out_ras = ct_ras.array.copy()
     out_labels_ras = (
         np.rint(to_closest_ras(labels)[0].array).astype(np.int16) if labels is not None else np.zeros(ct_ras.shape, np.int16)
     )
