@@ -238,12 +238,12 @@ def _say(message: str) -> None:
 def _check_png(path: str | None, option: str) -> Path | None:
     if path is None:
         return None
+    from .io import check_output_folder
+
     path = Path(path)
     if not path.name.lower().endswith(".png"):
         raise InputError(f"{option} {path}: must end with .png")
-    if not (path.parent if str(path.parent) else Path(".")).is_dir():
-        raise InputError(f"{option} {path}: folder {path.parent} does not exist")
-    return path
+    return check_output_folder(path, option)
 
 
 def _budget_bytes(gigabytes: float | None) -> int | None:
@@ -413,14 +413,12 @@ def _cmd_labels_list(args) -> int:
 
 
 def _cmd_labels_convert(args) -> int:
-    from .io import check_output_path, read_volume, write_volume
+    from .io import check_output_folder, check_output_path, read_volume, write_volume
     from .labelmap import read_named_masks, read_totalsegmentator, with_body_envelope
 
     out = check_output_path(args.out)
     if args.report:
-        report_path = Path(args.report)
-        if not (report_path.parent if str(report_path.parent) else Path(".")).is_dir():
-            raise InputError(f"--report {report_path}: folder {report_path.parent} does not exist")
+        check_output_folder(args.report, "--report")
     if args.source == "totalsegmentator":
         if len(args.segmentation) != 1:
             raise InputError("--from totalsegmentator takes one multi-label file or one folder of class masks")
@@ -440,15 +438,13 @@ def _cmd_labels_convert(args) -> int:
 
 
 def _cmd_vae_encode(args) -> int:
-    from .io import read_volume
+    from .io import check_output_folder, read_volume
     from .pipelines.vae import LATENT_EXTENSIONS, encode_ct, load_autoencoder, write_latent
     from .validation import resolve_device
 
     if not args.out.lower().endswith(LATENT_EXTENSIONS):
         raise InputError(f"--out {args.out}: latents are written as .nii.gz or .nii")
-    out_folder = Path(args.out).parent
-    if str(out_folder) and not out_folder.is_dir():
-        raise InputError(f"--out {args.out}: folder {out_folder} does not exist")
+    check_output_folder(args.out, "--out")
     budget = _budget_bytes(args.memory_budget)
     device = resolve_device(args.device)
     ct = read_volume(args.image)
@@ -495,11 +491,11 @@ def _cmd_inpaint(args) -> int:
     device = resolve_device(args.device)
     ct = read_volume(args.image)
     labels = read_volume(args.labels) if args.labels else None
-    if labels is not None and (labels.shape != ct.shape or not np.allclose(labels.affine, ct.affine, atol=1e-4)):
+    if labels is not None and not labels.same_grid(ct):
         raise InputError(f"--labels {args.labels} is not on the image's grid (shape and affine must match)")
     if args.tumor_mask:
         mask_volume = read_volume(args.tumor_mask)
-        if mask_volume.shape != ct.shape or not np.allclose(mask_volume.affine, ct.affine, atol=1e-4):
+        if not mask_volume.same_grid(ct):
             raise InputError(f"--tumor-mask {args.tumor_mask} is not on the image's grid (shape and affine must match)")
         mask = np.asarray(mask_volume.array) != 0
         if not mask.any():
@@ -530,7 +526,7 @@ def _cmd_qc(args) -> int:
 
     ct = read_volume(args.ct)
     labels = read_volume(args.label)
-    if ct.shape != labels.shape or not np.allclose(ct.affine, labels.affine, atol=1e-3):
+    if not labels.same_grid(ct):
         raise InputError(f"--label {args.label} is not on the CT's grid (shape and affine must match)")
     checks = check_ct(ct.array.astype(np.float32), np.rint(labels.array).astype(np.int32))
     print(format_table(checks))

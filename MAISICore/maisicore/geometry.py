@@ -39,6 +39,10 @@ class Volume:
         """Voxel size along each index axis, mm."""
         return spacing_of(self.affine)
 
+    def same_grid(self, other: "Volume", atol_mm: float = 1e-3) -> bool:
+        """Whether ``other`` lies on this grid: same shape, affines equal within ``atol_mm``."""
+        return self.shape == other.shape and bool(np.allclose(self.affine, other.affine, atol=atol_mm))
+
 
 def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
     """Voxel size (mm) along each index axis: the length of each of the affine's first 3 columns."""

@@ -25,17 +25,23 @@ def volume_extension(path: str | os.PathLike) -> str | None:
     return next((ext for ext in VOLUME_EXTENSIONS if name.endswith(ext)), None)
 
 
-def check_output_path(path: str | os.PathLike, what: str = "output") -> Path:
-    """Refuse, before any compute, an output path with an unknown extension or no writable folder."""
+def check_output_folder(path: str | os.PathLike, what: str = "output") -> Path:
+    """Refuse, before any compute, an output path whose folder is missing or not writable."""
     path = Path(path)
-    if volume_extension(path) is None:
-        raise InputError(f"{what} {path}: unknown extension; use one of {', '.join(VOLUME_EXTENSIONS)}")
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise InputError(f"{what} {path}: folder {folder} does not exist; create it first")
     if not os.access(folder, os.W_OK):
         raise InputError(f"{what} {path}: folder {folder} is not writable")
     return path
+
+
+def check_output_path(path: str | os.PathLike, what: str = "output") -> Path:
+    """Refuse, before any compute, an output path with an unknown extension or no writable folder."""
+    path = Path(path)
+    if volume_extension(path) is None:
+        raise InputError(f"{what} {path}: unknown extension; use one of {', '.join(VOLUME_EXTENSIONS)}")
+    return check_output_folder(path, what)
 
 
 def read_volume(path: str | os.PathLike) -> Volume:

@@ -171,7 +171,7 @@ def _stem(path: Path) -> str:
 def _masks_on_one_grid(volumes: Mapping[str, Volume], names_are_totalsegmentator: bool):
     first_name, first = next(iter(volumes.items()))
     for name, volume in volumes.items():
-        if volume.shape != first.shape or not np.allclose(volume.affine, first.affine, atol=1e-4):
+        if not volume.same_grid(first):
             raise InputError(f"mask {name!r} is not on the grid of {first_name!r}; resample the masks to one grid")
     return labels_from_masks({n: v.array for n, v in volumes.items()}, first.affine, names_are_totalsegmentator)
 
@@ -181,7 +181,7 @@ def with_body_envelope(labels: Volume, report: ConversionReport, ct: Volume | No
     body_id = label_table().by_name(BODY_NAME).id
     ct_array = None
     if ct is not None:
-        if ct.shape != labels.shape or not np.allclose(ct.affine, labels.affine, atol=1e-4):
+        if not ct.same_grid(labels):
             raise InputError("--ct is not on the segmentation's grid (shape and affine must match)")
         ct_array = ct.array
     out, added = add_body_envelope(labels.array, body_id, ct_array, labels.spacing)

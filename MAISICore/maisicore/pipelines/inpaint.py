@@ -161,7 +161,7 @@ def inpaint(
         raise InputError(f"the tumour mask's shape {tumor_mask.shape} differs from the image's {ct.shape}")
     if not tumor_mask.any():
         raise InputError("the tumour mask is empty")
-    if labels is not None and (labels.shape != ct.shape or not np.allclose(labels.affine, ct.affine, atol=1e-4)):
+    if labels is not None and not labels.same_grid(ct):
         raise InputError("--labels is not on the image's grid (shape and affine must match)")
 
     # 2. ROI in the closest-RAS frame (a permutation/flip: no resampling, exact round trip).
