@@ -226,6 +226,15 @@ def get_preset(name: str, width: str = "official") -> ModelPreset:
     )
 
 
+def discriminator_kwargs(width: str = "official") -> dict[str, Any]:
+    """MONAI ``PatchDiscriminator`` arguments of the VAE's adversarial loss (reference VAE training:
+    3 layers, 32 channels; ``tiny``: 8 channels)."""
+    if width not in WIDTHS:
+        raise ValueError(f"unknown width {width!r}: choose one of {', '.join(WIDTHS)}")
+    return {"spatial_dims": 3, "num_layers_d": 3, "channels": 32 if width == "official" else 8,
+            "in_channels": 1, "out_channels": 1, "norm": "INSTANCE"}
+
+
 # Reference inference defaults (config_infer.json) when neither a mask nor a size is given.
 DEFAULT_SIZE = (256, 256, 256)
 DEFAULT_SPACING_MM = (1.5, 1.5, 2.0)

@@ -1,0 +1,220 @@
+"""Datalists: the JSON index of training cases that ``maisi prepare`` writes and ``maisi train`` reads.
+
+Format (paths relative to the datalist's folder)::
+
+    {"format": "maisi-datalist", "version": 1,
+     "training": [{"image": "ct/a.nii.gz", "label": "labels/a.nii.gz", "dim": [x, y, z],
+                   "spacing": [x, y, z], "modality": "ct", "body_region": ["chest", "abdomen"],
+                   "fold": 0}, ...],
+     "problems": [{"file": "ct/b.nii.gz", "reason": "..."}]}
+
+After ``maisi prepare latents`` entries also carry ``"latent"`` (a [X/4, Y/4, Z/4, 4] NIfTI of the VAE
+posterior mean with a JSON sidecar) and ``"label"`` then names the labels resampled onto the
+latent's image grid; ``dim``/``spacing`` describe that grid. Dim in voxels, spacing in mm, (x, y, z)
+in the closest-RAS index order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from ..io import VOLUME_EXTENSIONS, atomic_write, read_volume, volume_extension
+from ..labels import body_region_from_mask
+
+FORMAT = "maisi-datalist"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Case:
+    """One training case with absolute paths."""
+
+    image: Path | None
+    label: Path | None
+    latent: Path | None
+    dim: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    modality: str
+    body_region: tuple[str, str] | None
+    fold: int
+
+
+def _volume_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and volume_extension(p))
+
+
+def _stem(path: Path) -> str:
+    ext = volume_extension(path) or path.suffix
+    return path.name[: -len(ext)] if ext else path.name
+
+
+def _matching_label(image: Path, labels_dir: Path | None, label_files: dict[str, Path]) -> Path | None:
+    if labels_dir is None:
+        return None
+    stem = _stem(image)
+    for candidate in (stem, stem.removesuffix("_0000"), f"{stem}_seg", f"{stem}_label", f"{stem}_labels"):
+        if candidate in label_files:
+            return label_files[candidate]
+    return None
+
+
+def prepare_datalist(
+    images_dir: str | os.PathLike,
+    labels_dir: str | os.PathLike | None,
+    out: str | os.PathLike,
+    folds: int = 5,
+    modality: str = "ct",
+    log=print,
+) -> dict:
+    """Scan ``images_dir`` (and ``labels_dir``, matched by file name) and write a datalist to ``out``.
+
+    Every readable image becomes an entry with its dim, spacing (closest-RAS order), modality, body
+    region (from its labels) and fold (round robin over sorted names). Unreadable files and images
+    whose labels are on another grid are reported under ``problems`` and skipped, never fatal.
+    """
+    from ..geometry import to_closest_ras
+
+    images_dir, out = Path(images_dir), Path(out)
+    if not images_dir.is_dir():
+        raise InputError(f"--images {images_dir}: not a folder")
+    labels_path = Path(labels_dir) if labels_dir else None
+    if labels_path is not None and not labels_path.is_dir():
+        raise InputError(f"--labels {labels_path}: not a folder")
+    if folds < 1:
+        raise InputError(f"--folds must be at least 1, got {folds}")
+    images = _volume_files(images_dir)
+    skipped_dirs = [p for p in images_dir.iterdir() if p.is_dir()]
+    if not images:
+        raise InputError(f"--images {images_dir}: no {', '.join(VOLUME_EXTENSIONS)} files")
+    label_files = {_stem(p): p for p in _volume_files(labels_path)} if labels_path else {}
+    root = out.resolve().parent
+    entries, problems = [], []
+    for folder in skipped_dirs:
+        problems.append({"file": _relative(folder, root), "reason": "a folder (DICOM series are not read: convert to NIfTI first)"})
+    for index, image_path in enumerate(images):
+        try:
+            image, _ = to_closest_ras(read_volume(image_path))
+        except InputError as exc:
+            problems.append({"file": _relative(image_path, root), "reason": str(exc)})
+            log(f"skipped {image_path.name}: {exc}")
+            continue
+        entry = {
+            "image": _relative(image_path, root),
+            "dim": [int(n) for n in image.shape],
+            "spacing": [round(float(s), 6) for s in image.spacing],
+            "modality": modality,
+            "body_region": None,
+            "fold": len(entries) % folds,
+        }
+        label_path = _matching_label(image_path, labels_path, label_files)
+        if labels_path is not None and label_path is None:
+            problems.append({"file": entry["image"], "reason": f"no label file of the same name in {labels_path}"})
+        if label_path is not None:
+            try:
+                labels, _ = to_closest_ras(read_volume(label_path))
+            except InputError as exc:
+                problems.append({"file": _relative(label_path, root), "reason": str(exc)})
+                log(f"skipped {image_path.name}: its labels are unreadable ({exc})")
+                continue
+            if not labels.same_grid(image):
+                reason = (f"labels {labels.shape} voxels at {_fmt(labels.spacing)} mm are not on the image's grid "
+                          f"{image.shape} at {_fmt(image.spacing)} mm")
+                problems.append({"file": _relative(label_path, root), "reason": reason})
+                log(f"skipped {image_path.name}: {reason}")
+                continue
+            entry["label"] = _relative(label_path, root)
+            region = body_region_from_mask(np.asarray(labels.array))
+            entry["body_region"] = list(region) if region else None
+        entries.append(entry)
+        log(f"[{index + 1}/{len(images)}] {image_path.name}: {'×'.join(map(str, entry['dim']))} at "
+            f"{_fmt(entry['spacing'])} mm" + (f", region {entry['body_region']}" if entry["body_region"] else ""))
+    data = {"format": FORMAT, "version": VERSION, "training": entries, "problems": problems}
+    write_datalist(out, data)
+    return data
+
+
+def write_datalist(path: str | os.PathLike, data: dict) -> None:
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"))
+
+
+def _relative(path: Path, root: Path) -> str:
+    return os.path.relpath(Path(path).resolve(), root)
+
+
+def _fmt(values) -> str:
+    return "×".join(f"{v:.3g}" for v in values)
+
+
+def read_datalist(path: str | os.PathLike, needs: tuple[str, ...]) -> list[Case]:
+    """Read and check a datalist before any training: every file named exists, entries carry what
+    the stage ``needs`` (``image``, ``label``, ``latent``), labels are on their image's (or latent's)
+    grid. One-line ``InputError`` naming the first bad entry otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--datalist {path}: file not found")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise InputError(f"--datalist {path}: not valid JSON ({exc})") from exc
+    entries = data.get("training") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise InputError(f"--datalist {path}: no 'training' entries (make one with `maisi prepare`)")
+    root = path.resolve().parent
+    cases = []
+    for number, entry in enumerate(entries):
+        where = f"--datalist {path}, entry {number}"
+        if not isinstance(entry, dict):
+            raise InputError(f"{where}: expected an object")
+        for key in needs:
+            if not entry.get(key):
+                hint = " (run `maisi prepare latents` first)" if key == "latent" else ""
+                raise InputError(f"{where}: no '{key}'{hint}")
+        files = {}
+        for key in ("image", "label", "latent"):
+            if entry.get(key):
+                file = (root / entry[key]).resolve()
+                if not file.is_file():
+                    raise InputError(f"{where}: {key} file {file} does not exist")
+                files[key] = file
+        dim = tuple(int(v) for v in entry.get("dim") or ())
+        spacing = tuple(float(v) for v in entry.get("spacing") or ())
+        if len(dim) != 3 or len(spacing) != 3:
+            raise InputError(f"{where}: 'dim' and 'spacing' must be three numbers each")
+        region = entry.get("body_region")
+        case = Case(files.get("image"), files.get("label"), files.get("latent"), dim, spacing,
+                    str(entry.get("modality", "ct")), tuple(region) if region else None, int(entry.get("fold", 0)))
+        _check_shapes(case, where)
+        cases.append(case)
+    return cases
+
+
+def _header_shape(path: Path) -> tuple[int, ...]:
+    if volume_extension(path) == ".nrrd":
+        import nrrd
+
+        return tuple(int(n) for n in nrrd.read_header(str(path))["sizes"])
+    import nibabel as nib
+
+    return tuple(int(n) for n in nib.load(str(path)).shape)
+
+
+def _check_shapes(case: Case, where: str) -> None:
+    """Labels must be on their image's grid (VAE/raw data) or on the latent's image grid."""
+    if case.label is None:
+        return
+    label_shape = _header_shape(case.label)
+    if case.latent is not None:
+        latent_shape = _header_shape(case.latent)
+        expected = tuple(4 * n for n in latent_shape[:3])
+        if label_shape[:3] != expected:
+            raise InputError(f"{where}: label {case.label} has shape {label_shape}, its latent's image grid is {expected}")
+    elif case.image is not None:
+        image_shape = _header_shape(case.image)
+        if label_shape[:3] != image_shape[:3]:
+            raise InputError(f"{where}: label {case.label} has shape {label_shape}, its image {case.image} {image_shape}")
