@@ -21,7 +21,7 @@ from .presets import BODY_REGIONS, MODEL_NAMES, WIDTHS
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors and exit code 2."""
 
-    def error(self, message):  # noqa: D401 - argparse API
+    def error(self, message):
         raise InputError(f"{message} (see `{self.prog} --help`)")
 
 
@@ -93,7 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, metavar="CT", help="output CT (.nii, .nii.gz or .nrrd)")
     gen.set_defaults(handler=_cmd_generate)
 
-    weights = commands.add_parser("weights", help="manage model weight sets")
+    weights = commands.add_parser(
+        "weights",
+        help="manage model weight sets: download NVIDIA's official weights, list, verify, remove, or init random ones",
+    )
     weight_commands = weights.add_subparsers(dest="weights_command", metavar="ACTION", parser_class=_Parser)
     init = weight_commands.add_parser(
         "init",
@@ -113,6 +116,60 @@ def build_parser() -> argparse.ArgumentParser:
                       help="fill the layers MONAI starts at zero (UNet and ControlNet outputs) with small random "
                            "values, so untrained networks act: for tests and pipeline demos, not for training")
     init.set_defaults(handler=_cmd_weights_init)
+    weights_list = weight_commands.add_parser(
+        "list",
+        help="list the official models: installed or not, folder, size, licence and whether it was accepted",
+    )
+    weights_list.add_argument("--json", action="store_true",
+                              help='JSON list of {"model", "installed", "path", "files", "size_bytes", "license", '
+                                   '"license_url", "license_accepted", ...}')
+    weights_list.set_defaults(handler=_cmd_weights_list)
+    weights_download = weight_commands.add_parser(
+        "download",
+        help="download a model's official weights from Hugging Face (nvidia/NV-Generate-CT), resumably",
+        description=(
+            "Download the three official checkpoints of MODEL from the Hugging Face repo nvidia/NV-Generate-CT "
+            "(revision main) into $MAISI_HOME/weights/MODEL/models/ (MAISI_HOME defaults to ~/.maisi) with a "
+            "maisi_model.json card, so `maisi generate --model MODEL` finds them. The weights are NVIDIA's, under "
+            "the NVIDIA Open Model License: the first download needs --accept-license (remembered in "
+            "$MAISI_HOME/licenses_accepted.json; `maisi weights list` shows the licence and its link). Free disk "
+            "space is checked first; files arrive as NAME.part and are renamed into place when complete, so an "
+            "interrupted download resumes when the command is run again. The sha256 of each file is recorded in "
+            "hashes.json at the first download (NVIDIA publishes none) and checked by `maisi weights verify`."
+        ),
+    )
+    weights_download.add_argument("model", choices=MODEL_NAMES, metavar="MODEL", help=" or ".join(MODEL_NAMES))
+    weights_download.add_argument("--accept-license", action="store_true",
+                                  help="accept the model's licence (NVIDIA Open Model License); remembered for "
+                                       "later downloads")
+    weights_download.add_argument("--base-url", metavar="URL",
+                                  help="mirror or proxy serving URL/nvidia/NV-Generate-CT/resolve/main/PATH like Hugging "
+                                       "Face (default: $MAISI_WEIGHTS_BASE_URL, else https://huggingface.co)")
+    weights_download.add_argument("--include-datasets", action="store_true",
+                                  help="also download the candidate mask database for `maisi generate --anatomy` into "
+                                       "$MAISI_HOME/datasets (about 12 GB, unpacked to about 14 GB)")
+    weights_download.set_defaults(handler=_cmd_weights_download)
+    weights_verify = weight_commands.add_parser(
+        "verify",
+        help="check downloaded files against the sha256 recorded at download (exit 1 naming a bad or missing file)",
+    )
+    weights_verify.add_argument("model", nargs="?", choices=MODEL_NAMES, metavar="MODEL",
+                                help="model to check (default: every downloaded model)")
+    weights_verify.set_defaults(handler=_cmd_weights_verify)
+    weights_path = weight_commands.add_parser("path", help="print the folder a model's official weights are kept in")
+    weights_path.add_argument("model", choices=MODEL_NAMES, metavar="MODEL", help=" or ".join(MODEL_NAMES))
+    weights_path.set_defaults(handler=_cmd_weights_path)
+    weights_remove = weight_commands.add_parser(
+        "remove",
+        help="delete a downloaded model (checkpoints, partial files, card, recorded hashes)",
+        description=(
+            "Delete the downloaded files of MODEL from $MAISI_HOME/weights/MODEL, and the folder when nothing else "
+            "is left in it. The datasets and the licence acceptance are kept."
+        ),
+    )
+    weights_remove.add_argument("model", choices=MODEL_NAMES, metavar="MODEL", help=" or ".join(MODEL_NAMES))
+    weights_remove.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    weights_remove.set_defaults(handler=_cmd_weights_remove)
 
     labels = commands.add_parser("labels", help="the MAISI label vocabulary and conversion to it")
     label_commands = labels.add_subparsers(dest="labels_command", metavar="ACTION", parser_class=_Parser)
@@ -210,7 +267,93 @@ def build_parser() -> argparse.ArgumentParser:
     qc.add_argument("--label", required=True, metavar="LABELS", help="MAISI label volume on the CT's grid")
     qc.add_argument("--json", metavar="JSON", help="also write the results as JSON")
     qc.set_defaults(handler=_cmd_qc)
+
+    _add_training_commands(commands)
     return parser
+
+
+def _add_training_commands(commands) -> None:
+    """``maisi prepare`` (datalists, cached latents) and ``maisi train vae|diffusion|controlnet``."""
+    prepare = commands.add_parser(
+        "prepare",
+        help="index training data into a datalist, or encode it to cached latents",
+        description=(
+            "maisi prepare --images DIR [--labels DIR] --out DATALIST.json: scan NIfTI/NRRD images (labels matched by "
+            "file name), record dim, spacing, modality, body region (from the labels) and fold; unreadable files and "
+            "labels on another grid are reported under 'problems' and skipped. "
+            "maisi prepare latents: encode a datalist's images with the VAE for diffusion/ControlNet training."
+        ),
+    )
+    prepare.add_argument("--images", metavar="DIR", help="folder of CT images (.nii, .nii.gz, .nrrd)")
+    prepare.add_argument("--labels", metavar="DIR", help="folder of MAISI label volumes, same file names as the images")
+    prepare.add_argument("--modality", default="ct", choices=("ct",), help="image modality (default ct)")
+    prepare.add_argument("--folds", type=_positive_int, default=5, help="number of folds, assigned round robin (default 5)")
+    prepare.add_argument("--out", metavar="DATALIST.json", help="datalist to write")
+    prepare.set_defaults(handler=_cmd_prepare)
+    prepare_commands = prepare.add_subparsers(dest="prepare_command", metavar="ACTION", parser_class=_Parser)
+    latents = prepare_commands.add_parser(
+        "latents",
+        help="encode a datalist's images to cached latents (skips those already done)",
+        description=(
+            "Reorient each image to RAS, clip HU to [-1000, 1000], resize (trilinear) to a size rounded to a multiple "
+            "of --round-to voxels (field of view kept), encode with the VAE (exact split encoder, posterior mean) "
+            "into OUT_DIR/NAME_emb.nii.gz + .json; labels resized (nearest) to NAME_label.nii.gz. Writes a datalist "
+            "naming them for `maisi train diffusion|controlnet`."
+        ),
+    )
+    latents.add_argument("--datalist", required=True, metavar="DATALIST.json")
+    latents.add_argument("--weights", required=True, metavar="AE.pt|DIR", help="autoencoder checkpoint or weight folder")
+    latents.add_argument("--out-dir", required=True, metavar="DIR", help="folder for the latent files")
+    latents.add_argument("--out", required=True, metavar="LATENTS.json", help="datalist of the latents to write")
+    latents.add_argument("--round-to", type=_positive_int, default=128, metavar="N",
+                         help="image sizes rounded to a multiple of N voxels before encoding (default 128, as the "
+                              "reference; a multiple of 32)")
+    latents.add_argument("--device", default="auto")
+    latents.add_argument("--memory-budget", type=float, metavar="GB", help="as for generate")
+    latents.set_defaults(handler=_cmd_prepare_latents)
+
+    train = commands.add_parser(
+        "train",
+        help="train or fine-tune the VAE, the diffusion UNet or the ControlNet (resumable; torchrun for several processes)",
+        description=(
+            "Train one MAISI stage on a datalist (`maisi prepare`) into RUN_DIR: metrics.jsonl (step, losses, lr, "
+            "time_s; val_l1 or val_loss), checkpoint/last.pt (every --checkpoint-every steps and at the end, written "
+            "atomically), weights/ (a weight folder for `maisi generate --model RUN_DIR/weights`). Defaults come from "
+            "the reference training configs; --config (reference format) and then the flags override them. "
+            "Several processes: torchrun --nproc_per_node N -m maisicore train ... (NCCL on GPUs, gloo on CPU); "
+            "--batch-size is per process."
+        ),
+    )
+    train.add_argument("stage", choices=("vae", "diffusion", "controlnet"),
+                       help="vae (images), diffusion (latents), controlnet (latents + labels)")
+    train.add_argument("--datalist", required=True, metavar="DATALIST.json")
+    train.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (created; must not hold a run unless --resume)")
+    train.add_argument("--model", default="rflow-ct", choices=MODEL_NAMES, help="architecture and objective (default rflow-ct)")
+    train.add_argument("--width", default="official", choices=WIDTHS, help="official or tiny networks (default official)")
+    train.add_argument("--config", metavar="CONFIG.json", help="training settings in the reference format; unknown keys are refused")
+    train.add_argument("--init", metavar="WEIGHTS_DIR",
+                       help="start from this weight folder (fine-tuning; the ControlNet stage's frozen UNet and scale factor)")
+    train.add_argument("--resume", action="store_true", help="continue RUN_DIR from its last checkpoint")
+    train.add_argument("--max-steps", type=_positive_int, metavar="N", help="optimiser steps (default: n_epochs passes over the data)")
+    train.add_argument("--batch-size", type=_positive_int, metavar="N", help="samples per process and step")
+    train.add_argument("--lr", type=float, metavar="LR", help="learning rate")
+    train.add_argument("--patch-size", nargs=3, type=int, metavar=("X", "Y", "Z"),
+                       help="image voxels: VAE patches (multiple of 4), or latent crops (multiple of 32) for diffusion/controlnet")
+    train.add_argument("--seed", type=int, help="seed of initialisation, patches, noise and timesteps (default 0)")
+    train.add_argument("--checkpoint-every", type=_positive_int, metavar="N", help="steps between checkpoints (default 100)")
+    train.add_argument("--validate-every", type=_positive_int, metavar="N", help="steps between validations (default 10)")
+    train.add_argument("--validation-fold", type=int, metavar="K", help="validate on fold K only and train on the others "
+                       "(default: validate on fixed samples of the training cases)")
+    train.add_argument("--weighted-labels", nargs="+", type=int, metavar="ID",
+                       help="controlnet: MAISI label ids whose voxels weigh --label-weight in the loss (default 23)")
+    train.add_argument("--label-weight", type=float, metavar="W", help="controlnet: weight of those voxels (default 100)")
+    train.add_argument("--controlnet-from-unet", action="store_true",
+                       help="controlnet: start from the UNet's weights even when --init has a ControlNet checkpoint")
+    train.add_argument("--perceptual-weights", metavar="PT",
+                       help="vae: LPIPS-squeeze weights file for the perceptual loss (off without it; needs the lpips package)")
+    train.add_argument("--no-amp", action="store_true", help="CUDA: train in float32 instead of bf16/fp16 autocast")
+    train.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
+    train.set_defaults(handler=_cmd_train)
 
 
 class _ProgressBars:
@@ -437,9 +580,60 @@ def _cmd_labels_convert(args) -> int:
     return 0
 
 
+def _cmd_prepare(args) -> int:
+    from .training.datalist import prepare_datalist
+
+    if not args.images or not args.out:
+        raise InputError("maisi prepare needs --images DIR and --out DATALIST.json (or the action `latents`)")
+    from .io import check_output_folder
+
+    check_output_folder(args.out, "--out")
+    data = prepare_datalist(args.images, args.labels, args.out, folds=args.folds, modality=args.modality)
+    for problem in data["problems"]:
+        _say(f"problem: {problem['file']}: {problem['reason']}")
+    print(f"wrote {args.out}: {len(data['training'])} cases, {len(data['problems'])} problem(s)")
+    return 0
+
+
+def _cmd_prepare_latents(args) -> int:
+    from .io import check_output_folder
+    from .training.latents import prepare_latents
+    from .validation import resolve_device
+
+    check_output_folder(args.out, "--out")
+    data = prepare_latents(args.datalist, args.weights, args.out_dir, args.out, round_to=args.round_to,
+                           device=resolve_device(args.device), memory_budget_bytes=_budget_bytes(args.memory_budget))
+    print(f"wrote {args.out}: {len(data['training'])} latents in {args.out_dir}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .presets import get_preset
+    from .training.config import load_config
+    from .training.run import train
+
+    config = load_config(
+        args.stage, args.config, lr=args.lr, batch_size=args.batch_size, max_steps=args.max_steps,
+        patch_size=tuple(args.patch_size) if args.patch_size else None, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
+        weighted_loss_label=tuple(args.weighted_labels) if args.weighted_labels else None,
+        weighted_loss=args.label_weight, perceptual_weights=args.perceptual_weights,
+        amp=False if args.no_amp else None,
+    )
+    result = train(args.stage, args.datalist, args.out, get_preset(args.model, args.width), config, init=args.init,
+                   resume=args.resume, device=args.device, validation_fold=args.validation_fold,
+                   controlnet_from_unet=args.controlnet_from_unet, log=lambda m: print(m, flush=True))
+    return 0 if result.steps else 1
+
+
 def _cmd_vae_encode(args) -> int:
     from .io import check_output_folder, read_volume
-    from .pipelines.vae import LATENT_EXTENSIONS, encode_ct, load_autoencoder, write_latent
+    from .pipelines.vae import (
+        LATENT_EXTENSIONS,
+        encode_ct,
+        load_autoencoder,
+        write_latent,
+    )
     from .validation import resolve_device
 
     if not args.out.lower().endswith(LATENT_EXTENSIONS):
@@ -555,6 +749,96 @@ def _cmd_weights_init(args) -> int:
     files = init_weights(preset, out, seed=args.seed, nonzero=args.nonzero_init)
     kind = "random weights" + (" (zero-initialised layers filled)" if args.nonzero_init else "")
     print(f"wrote {preset.key} {kind}, seed {args.seed}, to {out}: {', '.join(p.name for p in files.values())}")
+    return 0
+
+
+def _cmd_weights_list(args) -> int:
+    import json
+
+    from .download import OFFICIAL_MODELS, human_bytes, model_status
+
+    rows = [model_status(name) for name in OFFICIAL_MODELS]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'model':<9} {'state':<14} {'size':>9}  {'licence':<42} folder")
+    for row in rows:
+        size = human_bytes(row["size_bytes"]) if row["installed"] else f"~{human_bytes(row['size_bytes'])}"
+        licence = f"{row['license']} ({'accepted' if row['license_accepted'] else 'not accepted'})"
+        state = "installed" if row["installed"] else "not installed"
+        print(f"{row['model']:<9} {state:<14} {size:>9}  {licence:<42} {row['path']}")
+    for licence in {(row["license"], row["license_url"], row["license_summary"]) for row in rows}:
+        print(f"\n{licence[0]}: {licence[1]}\n{licence[2]}")
+    return 0
+
+
+def _cmd_weights_download(args) -> int:
+    from .download import download_model, human_bytes
+
+    report = download_model(args.model, accept_license=args.accept_license, base_url=args.base_url,
+                            include_datasets=args.include_datasets, show_progress=True, log=_say)
+    if not report.fetched:
+        print(f"{args.model}: already downloaded in {report.folder}")
+        return 0
+    names = ", ".join(path.name for path in report.fetched)
+    print(f"downloaded {args.model} to {report.folder}: {names} ({human_bytes(report.bytes_received)} received; "
+          f"sha256 recorded in hashes.json)")
+    return 0
+
+
+def _cmd_weights_verify(args) -> int:
+    from .download import OFFICIAL_MODELS, model_dir, verify_model
+    from .weights import default_weights_root
+
+    models = [args.model] if args.model else [name for name in OFFICIAL_MODELS if model_dir(name).is_dir()]
+    if not models:
+        print(f"ok: nothing to verify (no official weights downloaded under {default_weights_root()})")
+        return 0
+    failed, unrecorded, good = [], 0, 0
+    for name in models:
+        for check in verify_model(name):
+            print(f"{check.state:<10} {check.path}" + (f" ({check.detail})" if check.detail else ""))
+            if check.state in ("mismatch", "missing"):
+                failed.append((name, check))
+            elif check.state == "unrecorded":
+                unrecorded += 1
+            else:
+                good += 1
+    if failed:
+        names = "; ".join(f"{check.path} ({check.detail})" for _, check in failed)
+        redo = " and ".join(sorted({f"`maisi weights download {name}`" for name, _ in failed}))
+        fix = "delete the mismatching file(s), then run" if any(c.state == "mismatch" for _, c in failed) else "run"
+        _say(f"maisi: verify failed: {names}; {fix} {redo} to fetch them again")
+        return 1
+    note = f", {unrecorded} without a recorded hash" if unrecorded else ""
+    print(f"ok: {good} file(s) match their recorded sha256{note}")
+    return 0
+
+
+def _cmd_weights_path(args) -> int:
+    from .download import model_dir
+
+    print(model_dir(args.model))
+    return 0
+
+
+def _cmd_weights_remove(args) -> int:
+    from .download import model_dir, remove_model
+
+    folder = model_dir(args.model)
+    if not folder.exists():
+        print(f"{args.model}: nothing to remove ({folder} does not exist)")
+        return 0
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise InputError(f"`maisi weights remove {args.model}` deletes {folder}: add --yes to confirm")
+        answer = input(f"delete the downloaded {args.model} weights in {folder}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing removed")
+            return 0
+    removed = remove_model(args.model)
+    left = f"; {folder} kept: it holds other files" if folder.exists() else ""
+    print(f"removed {args.model}: {len(removed)} file(s) deleted from {folder}{left}")
     return 0
 
 
