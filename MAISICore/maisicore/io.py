@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -42,6 +42,20 @@ def check_output_path(path: str | os.PathLike, what: str = "output") -> Path:
     if volume_extension(path) is None:
         raise InputError(f"{what} {path}: unknown extension; use one of {', '.join(VOLUME_EXTENSIONS)}")
     return check_output_folder(path, what)
+
+
+def read_json(path: str | os.PathLike, what: str):
+    """The parsed JSON file ``path``; one-line ``InputError`` (prefixed ``what``, e.g. the option)
+    when it is missing or not JSON."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} {path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{what} {path}: not valid JSON ({exc})") from exc
 
 
 def read_volume(path: str | os.PathLike) -> Volume:

@@ -12,7 +12,6 @@ their host organ, at least 80 % of their size) and the whole mask is zoomed by 0
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,13 +42,10 @@ class Candidate:
 
 def load_database(json_path: str | os.PathLike, mask_dir: str | os.PathLike | None = None) -> list[Candidate]:
     """Read the candidate JSON; mask files are looked up in ``mask_dir`` (default: the JSON's folder)."""
+    from .io import read_json
+
     json_path = Path(json_path)
-    if not json_path.is_file():
-        raise InputError(f"--mask-db {json_path}: file not found")
-    try:
-        entries = json.loads(json_path.read_text())
-    except ValueError as exc:
-        raise InputError(f"--mask-db {json_path}: not valid JSON ({exc})") from exc
+    entries = read_json(json_path, "--mask-db")
     folder = Path(mask_dir) if mask_dir else json_path.parent
     candidates = []
     for entry in entries:

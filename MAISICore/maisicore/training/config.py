@@ -11,11 +11,11 @@ here (caching, augmentation switches) are accepted and listed as ignored.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from ..errors import InputError
+from ..io import read_json
 
 STAGES = ("vae", "diffusion", "controlnet")
 SECTION = {"vae": "autoencoder_train", "diffusion": "diffusion_unet_train", "controlnet": "controlnet_train"}
@@ -118,12 +118,7 @@ def load_config(stage: str, path: str | Path | None = None, **overrides) -> Trai
 
 
 def _read_section(stage: str, path: Path) -> dict:
-    if not path.is_file():
-        raise InputError(f"--config {path}: file not found")
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as exc:
-        raise InputError(f"--config {path}: not valid JSON ({exc})") from exc
+    data = read_json(path, "--config")
     if not isinstance(data, dict):
         raise InputError(f"--config {path}: expected a JSON object")
     sections = {name for name in data if name in set(SECTION.values()) | {"data_option"} | OTHER_SECTIONS}

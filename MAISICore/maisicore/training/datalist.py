@@ -24,7 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..io import VOLUME_EXTENSIONS, atomic_write, read_volume, volume_extension
+from ..io import (
+    VOLUME_EXTENSIONS,
+    atomic_write,
+    read_json,
+    read_volume,
+    volume_extension,
+)
 from ..labels import body_region_from_mask
 
 FORMAT = "maisi-datalist"
@@ -156,12 +162,7 @@ def read_datalist(path: str | os.PathLike, needs: tuple[str, ...]) -> list[Case]
     the stage ``needs`` (``image``, ``label``, ``latent``), labels are on their image's (or latent's)
     grid. One-line ``InputError`` naming the first bad entry otherwise."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--datalist {path}: file not found")
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as exc:
-        raise InputError(f"--datalist {path}: not valid JSON ({exc})") from exc
+    data = read_json(path, "--datalist")
     entries = data.get("training") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not entries:
         raise InputError(f"--datalist {path}: no 'training' entries (make one with `maisi prepare`)")
