@@ -13,6 +13,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+for _module in ("MAISIGenerate", "MAISITrain"):  # the Slicer modules' Qt-free libraries (test_slicer_*)
+    sys.path.insert(0, str(REPO / _module))
 
 import fetch_test_data  # noqa: E402
 
@@ -33,6 +35,15 @@ def real_data() -> Path:
         return fetch_test_data.reference_files()
     except fetch_test_data.RegistryUnreachable as exc:
         pytest.skip(f"real CT data unavailable: {exc}")
+
+
+@pytest.fixture
+def scene():
+    """A fresh headless MRML scene from the slicer-core wheel, installed as ``slicer.mrmlScene``
+    (``slicer_headless``; imported only by the tests that use it)."""
+    from slicer_headless import fresh_scene
+
+    yield from fresh_scene()
 
 
 def run_maisi(*args, cwd=None, timeout=600) -> subprocess.CompletedProcess:

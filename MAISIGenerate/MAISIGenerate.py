@@ -1,0 +1,681 @@
+"""MAISIGenerate: synthetic CT volumes with NVIDIA's MAISI models, in Slicer.
+
+Three ways in: a CT that follows a segmentation (segments matched to MAISI labels by name and
+terminology), a CT with random anatomy, or a tumour inpainted into a real CT. Generation runs in a
+child process (PythonSlicer running the `maisi` program), so Slicer stays responsive and Cancel
+kills it. Results are new nodes: the CT (named with model and seed, on the input's exact grid) and a
+segmentation of the labels used (MAISI names, colours and terminology).
+
+This file holds the module, its widget (the only Qt code), a thin ScriptedLoadableModuleLogic
+around ``MAISIGenerateLib.logic.GenerateLogic`` and the self-test. torch, MONAI and maisicore are
+never imported at file scope.
+"""
+
+import json
+import logging
+from typing import Annotated
+
+import qt
+import slicer
+import vtk
+from MAISIGenerateLib import dependencies
+from MAISIGenerateLib.logic import GenerateLogic, format_duration
+from MAISIGenerateLib.parameters import (
+    BODY_REGIONS,
+    DEVICES,
+    MODES,
+    TUMOR_TYPES,
+    FromSegmentation,
+    InpaintTumor,
+    RandomAnatomy,
+    RunOptions,
+)
+from slicer import (
+    vtkMRMLMarkupsFiducialNode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
+)
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+logger = logging.getLogger(__name__)
+NOT_USED = "(not used)"
+
+
+#
+# MAISIGenerate
+#
+
+
+class MAISIGenerate(ScriptedLoadableModule):
+    """Module description shown in Slicer."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("MAISI Generate")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Image Synthesis")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["SlicerMAISI developers"]
+        self.parent.helpText = _(
+            "Generate synthetic CT volumes with NVIDIA's MAISI models (rflow-ct, ddpm-ct): from a segmentation, "
+            "with random anatomy, or by inpainting a tumour into a CT. Each result is a new volume with a "
+            "segmentation of the labels it was generated from. "
+            '<a href="https://github.com/SlicerMAISI/SlicerMAISI">Documentation</a>.'
+        )
+        self.parent.acknowledgementText = _(
+            "MAISI (Medical AI for Synthetic Imaging) is NVIDIA's; its weights are under NVIDIA's licences. "
+            "This module runs MONAI's MAISI networks through the maisicore library shipped with the extension."
+        )
+
+
+#
+# Parameter node
+#
+
+
+@parameterNodeWrapper
+class MAISIGenerateParameterNode:
+    """Module state. Nodes are inputs only: results are always new nodes."""
+
+    mode: Annotated[str, Choice(list(MODES))] = "segmentation"
+    model: Annotated[str, Choice(["rflow-ct", "ddpm-ct"])] = "rflow-ct"
+    # From segmentation
+    inputSegmentation: vtkMRMLSegmentationNode
+    referenceVolume: vtkMRMLScalarVolumeNode
+    segmentOverrides: str = "{}"  # JSON: segment id -> MAISI name, or 0 for "not used"
+    addBody: bool = True
+    fitGrid: bool = False
+    # Random anatomy
+    anatomy: str = ""
+    bodyRegionTop: Annotated[str, Choice(["auto", *BODY_REGIONS])] = "auto"
+    bodyRegionBottom: Annotated[str, Choice(["auto", *BODY_REGIONS])] = "auto"
+    sizeXY: Annotated[int, WithinRange(32, 512)] = 256
+    sizeZ: Annotated[int, WithinRange(32, 768)] = 256
+    spacingXY: Annotated[float, WithinRange(0.1, 10.0)] = 1.5
+    spacingZ: Annotated[float, WithinRange(0.1, 10.0)] = 2.0
+    # Inpaint tumour
+    inpaintVolume: vtkMRMLScalarVolumeNode
+    tumorType: Annotated[str, Choice(list(TUMOR_TYPES))] = "hepatic tumor"
+    tumorSource: Annotated[str, Choice(["point", "segment"])] = "point"
+    tumorPoint: vtkMRMLMarkupsFiducialNode
+    tumorDiameter: Annotated[float, WithinRange(2.0, 200.0)] = 20.0
+    tumorSegmentation: vtkMRMLSegmentationNode
+    tumorSegmentId: str = ""
+    anatomySegmentation: vtkMRMLSegmentationNode
+    # Run
+    seed: Annotated[int, WithinRange(0, 2147483647)] = 0
+    steps: Annotated[int, WithinRange(0, 1000)] = 0  # 0: the model's default
+    device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    allowAnySize: bool = False
+
+
+
+def ensureDependencies() -> bool:
+    """Install what MAISI needs, after asking: torch through the PyTorch extension, then the rest of
+    maisicore/requirements.txt through pip. True when everything is there. Shared with MAISITrain."""
+    if not dependencies.torch_installed():
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError:
+            raise RuntimeError(
+                _("MAISI needs PyTorch: install the 'PyTorch' extension from the Extensions Manager and restart Slicer.")
+            ) from None
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        if not torchLogic.torchInstalled():
+            torch = torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=dependencies.TORCH_REQUIREMENT)
+            if torch is None:
+                return False
+    # After torch: MONAI would otherwise pull a torch build of its own choice.
+    missing = dependencies.missing_requirements()
+    if not missing:
+        return True
+    try:
+        from slicer import packaging  # Slicer 5.12+
+    except ImportError:
+        packaging = None
+    if packaging is not None and hasattr(packaging, "pip_ensure"):
+        packaging.pip_ensure(packaging.load_requirements(str(dependencies.requirements_path())), requester="MAISI")
+    else:
+        text = _("MAISI needs these Python packages: {packages}. Install them now (a few minutes)?").format(
+            packages=", ".join(missing))
+        if not slicer.util.confirmOkCancelDisplay(text, windowTitle=_("MAISI dependencies")):
+            return False
+        slicer.util.pip_install(missing)
+    return not dependencies.missing_requirements()
+
+
+#
+# MAISIGenerateWidget
+#
+
+
+class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The module panel: inputs into the parameter node, Apply starts a worker, a timer streams it."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._observedSegmentation = None
+        self._job = None
+        self._download = None
+        self._weightRows = None
+        self._cudaAvailable = None
+        self._maskGrid = None
+        self._segmentTableRefreshPending = False
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MAISIGenerate.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = MAISIGenerateLogic()
+
+        self._timer = qt.QTimer()
+        self._timer.setInterval(250)
+        self._timer.connect("timeout()", self.onTimer)
+        self.ui.segmentTable.horizontalHeader().setSectionResizeMode(0, qt.QHeaderView.Stretch)
+        self.ui.segmentTable.horizontalHeader().setSectionResizeMode(1, qt.QHeaderView.Stretch)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.modeTabWidget.connect("currentChanged(int)", self.onModeChanged)
+        self.ui.refreshWeightsButton.connect("clicked(bool)", self.updateWeightsStatus)
+        self.ui.downloadWeightsButton.connect("clicked(bool)", self.onDownloadWeights)
+        self.ui.removeWeightsButton.connect("clicked(bool)", self.onRemoveWeights)
+        self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+        self.ui.weightsDirPathLineEdit.connect("currentPathChanged(QString)", lambda path: self.updateWeightsLabel())
+        self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
+        self.ui.referenceVolumeSelector.connect(
+            "currentNodeChanged(vtkMRMLNode*)", lambda node: qt.QTimer.singleShot(0, self.updateSuggestedGrid))
+        self.ui.tumorSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", lambda node: self.onTumorSegmentChanged())
+        self.ui.tumorSegmentSelector.connect("currentSegmentChanged(QString)", lambda segmentId: self.onTumorSegmentChanged())
+
+        self.initializeParameterNode()
+        self.updateDependencyButton()
+
+    def cleanup(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+            self._job = None
+        if self._download is not None:
+            self._download.cancel()
+            self._download = None
+        self._timer.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+        self.updateDependencyButton()
+        if self._weightRows is None and dependencies.torch_installed():
+            self.updateWeightsStatus()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+            self.ui.modeTabWidget.currentIndex = MODES.index(self._parameterNode.mode)
+            self.ui.tumorSegmentSelector.setCurrentNode(self._parameterNode.tumorSegmentation)
+            if self._parameterNode.tumorSegmentId:
+                self.ui.tumorSegmentSelector.setCurrentSegmentID(self._parameterNode.tumorSegmentId)
+            self.onSegmentationChanged(self._parameterNode.inputSegmentation)
+            self.onParameterNodeModified()
+
+    def onParameterNodeModified(self, caller=None, event=None) -> None:
+        """Enable Apply when the current mode has its inputs; refresh the estimate."""
+        p = self._parameterNode
+        if p is None or self._job is not None:
+            return
+        if p.mode == "segmentation":
+            ready = p.inputSegmentation is not None
+            reason = _("Select a segmentation")
+        elif p.mode == "inpaint":
+            has_tumor = p.tumorPoint is not None if p.tumorSource == "point" else bool(p.tumorSegmentId)
+            ready = p.inpaintVolume is not None and has_tumor
+            reason = _("Select a CT volume and a tumour point or segment")
+        else:
+            ready, reason = True, ""
+        self.ui.applyButton.enabled = ready
+        self.ui.applyButton.toolTip = _("Start the generation") if ready else reason
+        self.ui.tumorPointSelector.enabled = p.tumorSource == "point"
+        self.ui.tumorDiameterSpinBox.enabled = p.tumorSource == "point"
+        self.ui.tumorSegmentSelector.enabled = p.tumorSource == "segment"
+        self.updateEstimate()
+        self.updateWeightsLabel()
+
+    def onModeChanged(self, index: int) -> None:
+        if self._parameterNode is not None:
+            self._parameterNode.mode = MODES[index]
+
+    # ---- dependencies
+
+    def updateDependencyButton(self) -> None:
+        ready = dependencies.torch_installed() and not dependencies.missing_requirements()
+        self.ui.installDependenciesButton.visible = not ready
+
+    def onInstallDependencies(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to install the Python packages MAISI needs."), waitCursor=True):
+            self.ensureDependencies()
+        self.updateDependencyButton()
+        self.updateWeightsStatus()
+
+    def ensureDependencies(self) -> bool:
+        return ensureDependencies()
+
+    # ---- weights
+
+    def _cuda(self) -> bool:
+        if self._cudaAvailable is None and dependencies.torch_installed():
+            import torch
+
+            self._cudaAvailable = bool(torch.cuda.is_available())
+        return bool(self._cudaAvailable)
+
+    def updateWeightsStatus(self) -> None:
+        """Ask `maisi weights list --json` which weights are installed (a few seconds)."""
+        if not dependencies.torch_installed():
+            self.ui.weightsStatusLabel.text = _("install the dependencies first")
+            return
+        with slicer.util.WaitCursor():
+            try:
+                rows = self.logic.weights_status()
+                self._weightRows = {row.get("model"): row for row in rows}
+            except Exception as exc:  # shown in the panel, not fatal: a weight folder still works
+                self._weightRows = {}
+                self.ui.weightsStatusLabel.text = _("status unavailable: {error}").format(error=exc)
+                return
+        self.updateWeightsLabel()
+
+    def updateWeightsLabel(self) -> None:
+        if self._parameterNode is None:
+            return
+        folder = self.ui.weightsDirPathLineEdit.currentPath
+        model = self._parameterNode.model
+        self.ui.downloadWeightsButton.enabled = False
+        self.ui.removeWeightsButton.enabled = False
+        if folder:
+            self.ui.weightsStatusLabel.text = _("weight folder {folder}").format(folder=folder)
+            return
+        if not self._weightRows:
+            return
+        row = self._weightRows.get(model)
+        if row is None:
+            self.ui.weightsStatusLabel.text = _("{model}: unknown to `maisi weights list`").format(model=model)
+        elif row.get("installed"):
+            self.ui.weightsStatusLabel.text = _("{model}: installed in {path}").format(model=model, path=row.get("path", "?"))
+            self.ui.removeWeightsButton.enabled = self._download is None
+        else:
+            size = row.get("size_bytes")
+            self.ui.weightsStatusLabel.text = _("{model}: not downloaded ({size}licence: {license})").format(
+                model=model, license=row.get("license", "?"), size=f"{size / 1e9:.1f} GB, " if size else "")
+            self.ui.downloadWeightsButton.enabled = self._download is None
+
+    def onDownloadWeights(self) -> None:
+        model = self._parameterNode.model
+        row = (self._weightRows or {}).get(model, {})
+        text = _(
+            "The {model} weights are NVIDIA's and come under their licence:\n\n{license}\n{url}\n\n{summary}\n\n"
+            "Download them into the maisi cache ({path}) and accept this licence?"
+        ).format(model=model, license=row.get("license", "?"), url=row.get("license_url", ""),
+                 summary=row.get("license_summary", ""), path=row.get("path", "?"))
+        if not slicer.util.confirmOkCancelDisplay(text, windowTitle=_("MAISI weights licence")):
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the download."), waitCursor=True):
+            self._download = self.logic.start_weights_download(model)
+            self.appendLog(_("Downloading {model} weights...").format(model=model))
+            self.ui.downloadWeightsButton.enabled = False
+            self._timer.start()
+
+    def onRemoveWeights(self) -> None:
+        model = self._parameterNode.model
+        path = (self._weightRows or {}).get(model, {}).get("path", "?")
+        if not slicer.util.confirmOkCancelDisplay(
+                _("Delete the downloaded {model} weights in {path}?").format(model=model, path=path),
+                windowTitle=_("Remove MAISI weights")):
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to remove the weights."), waitCursor=True):
+            self.appendLog(self.logic.remove_weights(model))
+        self.updateWeightsStatus()
+
+    # ---- segment table, grid and estimate
+
+    def _overrides(self) -> dict:
+        try:
+            return json.loads(self._parameterNode.segmentOverrides or "{}")
+        except ValueError:
+            return {}
+
+    def onSegmentationChanged(self, node) -> None:
+        """Watch the chosen segmentation's segments; refresh the table and grid once the parameter
+        node has taken the new selection (next event loop turn)."""
+        if self._observedSegmentation is not None:
+            self.removeObserver(self._observedSegmentation, vtk.vtkCommand.ModifiedEvent, self.onSegmentsModified)
+        self._observedSegmentation = node.GetSegmentation() if node is not None else None
+        if self._observedSegmentation is not None:
+            self.addObserver(self._observedSegmentation, vtk.vtkCommand.ModifiedEvent, self.onSegmentsModified)
+        qt.QTimer.singleShot(0, self.refreshSegmentTable)
+        qt.QTimer.singleShot(0, self.updateSuggestedGrid)
+
+    def onSegmentsModified(self, caller=None, event=None) -> None:
+        """Segments added, renamed, recoded or painted: refresh the table once, a moment later."""
+        if not self._segmentTableRefreshPending:
+            self._segmentTableRefreshPending = True
+            qt.QTimer.singleShot(200, self.refreshSegmentTable)
+
+    def refreshSegmentTable(self) -> None:
+        """One row per segment: its name, the MAISI label it becomes (editable), how it was matched."""
+        self._segmentTableRefreshPending = False
+        table = self.ui.segmentTable
+        table.setRowCount(0)
+        node = self._parameterNode.inputSegmentation if self._parameterNode else None
+        if node is None:
+            self.ui.segmentStatusLabel.text = ""
+            return
+        if not dependencies.torch_installed():
+            self.ui.segmentStatusLabel.text = _("Install the dependencies to match segments to MAISI labels.")
+            return
+        from maisicore.labels import label_table
+
+        names = [NOT_USED] + [info.name for info in label_table()]
+        matches = self.logic.match_segments(node, self._overrides())
+        for row, match in enumerate(matches):
+            table.insertRow(row)
+            nameItem = qt.QTableWidgetItem(match.segment_name)
+            nameItem.setFlags(qt.Qt.ItemIsEnabled)
+            table.setItem(row, 0, nameItem)
+            combo = qt.QComboBox()
+            combo.addItems(names)
+            combo.currentIndex = names.index(match.label_name) if match.label_name in names else 0
+            combo.connect("activated(int)", lambda index, segmentId=match.segment_id: self.onSegmentLabelChosen(segmentId, names[index]))
+            table.setCellWidget(row, 1, combo)
+            byItem = qt.QTableWidgetItem(match.matched_by)
+            byItem.setFlags(qt.Qt.ItemIsEnabled)
+            if match.matched_by == "unresolved":
+                byItem.setForeground(qt.QBrush(qt.QColor("red")))
+            table.setItem(row, 2, byItem)
+        unresolved = [m.segment_name for m in matches if m.matched_by == "unresolved"]
+        used = sum(1 for m in matches if m.label_id is not None)
+        text = _("{used} of {total} segments used.").format(used=used, total=len(matches))
+        if unresolved:
+            text += " " + _("Unresolved (left out unless you choose a label): {names}").format(names=", ".join(unresolved))
+        self.ui.segmentStatusLabel.text = text
+
+    def onSegmentLabelChosen(self, segmentId: str, labelName: str) -> None:
+        overrides = self._overrides()
+        overrides[segmentId] = 0 if labelName == NOT_USED else labelName
+        self._parameterNode.segmentOverrides = json.dumps(overrides)
+        qt.QTimer.singleShot(0, self.refreshSegmentTable)
+
+    def _generationSize(self):
+        """Voxels (x, y, z) the current request generates, or None when unknown."""
+        p = self._parameterNode
+        if p.mode == "random":
+            return (p.sizeXY, p.sizeXY, p.sizeZ)
+        if p.mode == "segmentation" and p.inputSegmentation is not None and dependencies.torch_installed():
+            grid = self._maskGrid
+            if grid is not None:
+                return grid["suggested"][0] if p.fitGrid else grid["shape"]
+        if p.mode == "inpaint" and p.inpaintVolume is not None:
+            return self.logic.inpaint_region_size(p.inpaintVolume, p.tumorDiameter)
+        return None
+
+    def updateSuggestedGrid(self) -> None:
+        """Show the mask's grid and the published grid closest to its field of view."""
+        self._maskGrid = None
+        self.ui.suggestedGridLabel.text = ""
+        p = self._parameterNode
+        if p is None or p.inputSegmentation is None or not dependencies.torch_installed():
+            return
+        try:
+            grid = self.logic.mask_grid(p.inputSegmentation, p.referenceVolume)
+            size, spacing = self.logic.suggest_grid(grid, p.model)
+        except Exception as exc:
+            self.ui.suggestedGridLabel.text = _("No grid: {error}").format(error=exc)
+            return
+        self._maskGrid = {"shape": grid.shape, "spacing": grid.spacing, "suggested": (size, spacing)}
+        self.ui.suggestedGridLabel.text = _(
+            "Mask grid {shape} voxels at {spacing} mm; closest published grid {size} at {suggested} mm."
+        ).format(shape="×".join(map(str, grid.shape)), spacing="×".join(f"{s:.3g}" for s in grid.spacing),
+                 size="×".join(map(str, size)), suggested="×".join(f"{s:.3g}" for s in spacing))
+        self.updateEstimate()
+
+    def updateEstimate(self) -> None:
+        size = self._generationSize() if self._parameterNode else None
+        if size is None:
+            self.ui.estimateLabel.text = ""
+            return
+        p = self._parameterNode
+        steps = p.steps or None
+        cpu = format_duration(self.logic.estimate_seconds(size, steps, p.model, "cpu"))
+        gpu = format_duration(self.logic.estimate_seconds(size, steps, p.model, "cuda"))
+        here = _("a CUDA GPU is available") if self._cuda() else _("no CUDA GPU found: runs on the CPU")
+        self.ui.estimateLabel.text = _("Rough time for {size} voxels: {cpu} on CPU, {gpu} on a GPU ({here}).").format(
+            size="×".join(map(str, size)), cpu=cpu, gpu=gpu, here=here)
+
+    def onTumorSegmentChanged(self) -> None:
+        if self._parameterNode is None:
+            return
+        self._parameterNode.tumorSegmentation = self.ui.tumorSegmentSelector.currentNode()
+        self._parameterNode.tumorSegmentId = self.ui.tumorSegmentSelector.currentSegmentID() or ""
+
+    # ---- run
+
+    def requestFromParameters(self):
+        """(source, RunOptions) from the parameter node and the path fields."""
+        p = self._parameterNode
+        options = RunOptions(
+            model=p.model,
+            weights_dir=self.ui.weightsDirPathLineEdit.currentPath or None,
+            seed=p.seed,
+            steps=p.steps or None,
+            device=p.device,
+            allow_any_size=p.allowAnySize,
+        )
+        if p.mode == "segmentation":
+            source = FromSegmentation(p.inputSegmentation, p.referenceVolume, self._overrides(), p.addBody, p.fitGrid)
+        elif p.mode == "random":
+            regions = [r for r in (p.bodyRegionTop, p.bodyRegionBottom) if r != "auto"]
+            anatomy = tuple(a.strip() for a in p.anatomy.split(",") if a.strip())
+            source = RandomAnatomy(anatomy, tuple(regions), (p.sizeXY, p.sizeXY, p.sizeZ),
+                                   (p.spacingXY, p.spacingXY, p.spacingZ), self.ui.maskDbPathLineEdit.currentPath or None)
+        else:
+            center = None
+            if p.tumorSource == "point":
+                if p.tumorPoint is None or p.tumorPoint.GetNumberOfControlPoints() < 1:
+                    raise ValueError(_("Place a point at the tumour's centre."))
+                center = [0.0, 0.0, 0.0]
+                p.tumorPoint.GetNthControlPointPositionWorld(0, center)
+            source = InpaintTumor(
+                p.inpaintVolume, p.tumorType,
+                tumor_segmentation=p.tumorSegmentation if p.tumorSource == "segment" else None,
+                tumor_segment_id=p.tumorSegmentId if p.tumorSource == "segment" else None,
+                center_ras=tuple(center) if center else None,
+                diameter_mm=p.tumorDiameter if p.tumorSource == "point" else None,
+                anatomy_segmentation=p.anatomySegmentation,
+                overrides=self._overrides() if p.anatomySegmentation is p.inputSegmentation else {},
+            )
+        return source, options
+
+    def onApplyButton(self) -> None:
+        if self._job is not None:
+            self.cancelJob()
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the generation."), waitCursor=True):
+            if not self.ensureDependencies():
+                return
+            self.updateDependencyButton()
+            source, options = self.requestFromParameters()
+            self.ui.logTextEdit.clear()
+            self._job = self.logic.start(source, options)
+            self.appendLog("$ " + " ".join(self._job.command))
+            for line in self._job.log:
+                self.appendLog(line)
+            self.ui.applyButton.text = _("Cancel")
+            self.ui.applyButton.toolTip = _("Stop the generation (kills the worker process)")
+            self.ui.progressBar.value = 0
+            self._timer.start()
+
+    def cancelJob(self) -> None:
+        job, self._job = self._job, None
+        job.cancel()
+        self.appendLog(_("Cancelled; nothing was added to the scene."))
+        self.resetApply()
+
+    def resetApply(self) -> None:
+        self.ui.applyButton.text = _("Apply")
+        self.ui.progressBar.value = 0
+        self.onParameterNodeModified()
+
+    def onTimer(self) -> None:
+        if self._job is not None:
+            for line in self._job.poll():
+                self.appendLog(line)
+            self.ui.progressBar.value = int(100 * self._job.fraction())
+            if self._job.done:
+                job, self._job = self._job, None
+                with slicer.util.tryWithErrorDisplay(_("MAISI generation failed."), waitCursor=True):
+                    result = job.finish()
+                    self.showResult(result)
+                self.resetApply()
+        if self._download is not None:
+            for line in self._download.read_lines():
+                self.appendLog(line)
+            if self._download.finished_reading():
+                code = self._download.wait()
+                self._download = None
+                self.appendLog(_("Download finished.") if code == 0 else _("Download failed (exit code {code}).").format(code=code))
+                self.updateWeightsStatus()
+        if self._job is None and self._download is None:
+            self._timer.stop()
+
+    def showResult(self, result) -> None:
+        slicer.util.setSliceViewerLayers(background=result.volume_node, fit=True)
+        self.appendLog(_("Created volume '{name}'").format(name=result.volume_node.GetName()))
+        if result.segmentation_node is not None:
+            self.appendLog(_("Created segmentation '{name}'").format(name=result.segmentation_node.GetName()))
+
+    def appendLog(self, text: str) -> None:
+        self.ui.logTextEdit.appendPlainText(text)
+        logger.info(text)
+
+
+#
+# MAISIGenerateLogic
+#
+
+
+class MAISIGenerateLogic(ScriptedLoadableModuleLogic, GenerateLogic):
+    """The usual ScriptedLoadableModuleLogic around the Qt-free ``GenerateLogic`` (which does all the
+    work and also runs headless)."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        GenerateLogic.__init__(self)
+
+    def getParameterNode(self):
+        return MAISIGenerateParameterNode(super().getParameterNode())
+
+
+#
+# MAISIGenerateTest
+#
+
+
+class MAISIGenerateTest(ScriptedLoadableModuleTest):
+    """Self-test inside Slicer: a tiny random model generates a CT from a painted sphere segmentation
+    on an oblique, flipped grid; the result must lie on that grid and carry MAISI labels."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_GenerateFromPaintedSphere()
+
+    def test_GenerateFromPaintedSphere(self):
+        import shutil
+        import subprocess
+        import tempfile
+
+        import numpy as np
+        from MAISIGenerateLib import mrml
+        from MAISIGenerateLib.process import worker_environment
+
+        self.delayDisplay("Making tiny random weights (maisi weights init)")
+        if not dependencies.torch_installed() or dependencies.missing_requirements():
+            self.skipTest("torch, MONAI and the other MAISI requirements are not installed")
+        logic = MAISIGenerateLogic()
+        weights = tempfile.mkdtemp(prefix="maisi-selftest-")
+        try:
+            init = subprocess.run(
+                logic.command("weights", "init", "--preset", "rflow-ct", "--width", "tiny", "--out", weights, "--nonzero-init"),
+                capture_output=True, text=True, env=worker_environment(), check=False)
+            self.assertEqual(init.returncode, 0, init.stderr)
+
+            self.delayDisplay("Painting a sphere on an oblique, flipped 32³ grid")
+            angle = np.deg2rad(20.0)
+            rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+            ijkToRas = np.eye(4)
+            ijkToRas[:3, :3] = rotation @ np.diag([-4.0, 4.0, 4.0])
+            ijkToRas[:3, 3] = [60.0, -40.0, 10.0]
+            k, j, i = np.mgrid[:32, :32, :32]
+            ct = np.where(((i - 16) / 14.0) ** 2 + ((j - 16) / 12.0) ** 2 < 1, 40, -1000).astype(np.int16)
+            reference = slicer.util.addVolumeFromArray(ct, ijkToRas, "Reference CT")
+            segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Painted sphere")
+            segmentation.CreateDefaultDisplayNodes()
+            segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+            segmentId = segmentation.GetSegmentation().AddEmptySegment("", "Liver")
+            sphere = ((i - 14) ** 2 + (j - 15) ** 2 + (k - 16) ** 2 < 36).astype(np.uint8)
+            slicer.util.updateSegmentBinaryLabelmapFromArray(sphere, segmentation, segmentId, reference)
+
+            self.delayDisplay("Generating (2 steps, CPU)")
+            result = logic.run(
+                FromSegmentation(segmentation, reference),
+                RunOptions(weights_dir=weights, seed=1, steps=2, device="cpu", allow_any_size=True),
+                log=logger.info,
+            )
+            self.assertIsNotNone(result)
+            np.testing.assert_array_equal(mrml.ijk_to_ras(result.volume_node), mrml.ijk_to_ras(reference))
+            self.assertEqual(slicer.util.arrayFromVolume(result.volume_node).shape, (32, 32, 32))
+            self.assertIn("seed 1", result.volume_node.GetName())
+            names = {result.segmentation_node.GetSegmentation().GetNthSegment(n).GetName()
+                     for n in range(result.segmentation_node.GetSegmentation().GetNumberOfSegments())}
+            self.assertEqual(names, {"liver", "body"})
+            slicer.util.setSliceViewerLayers(background=result.volume_node, fit=True)
+        finally:
+            shutil.rmtree(weights, ignore_errors=True)
+        self.delayDisplay("Test passed")
+

@@ -1,0 +1,517 @@
+"""MAISIGenerate's logic: MRML nodes in, the `maisi` program run in a child process, new nodes out.
+
+What lives here: matching segments to MAISI labels (name, then terminology, then the user's
+overrides), building the label volume the model follows (with the body envelope), suggesting an
+output grid, the command lines of the three modes, a ``GenerationJob`` that streams the worker's
+output and turns its files into new nodes, weights status and time estimates.
+What is NOT here: Qt, dialogs, views. Errors are raised (``ValueError`` for bad requests,
+``RuntimeError`` for failed runs); the widget shows them. ``maisicore`` (and so torch) is imported
+inside functions only, so importing this module is cheap.
+
+Arrays handed to maisicore are (x, y, z) with the nodes' IJKToRAS as affine (see ``mrml.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import slicer
+
+from . import mrml
+from .parameters import FromSegmentation, InpaintTumor, RandomAnatomy, RunOptions
+from .process import (
+    WorkerProcess,
+    maisi_command,
+    run_to_end,
+    split_progress,
+    worker_environment,
+    worker_python,
+)
+
+# ---- segments -> MAISI labels -------------------------------------------------------------------
+
+
+@dataclass
+class SegmentMatch:
+    """How one segment maps to a MAISI label. ``matched_by``: override, name, terminology,
+    skipped (override to nothing) or unresolved (``label_id`` None)."""
+
+    segment_id: str
+    segment_name: str
+    label_id: int | None
+    label_name: str | None
+    matched_by: str
+
+
+@dataclass
+class LabelBuild:
+    """The label volume built from a segmentation, with how each segment was matched.
+
+    labels: ``maisicore.geometry.Volume``, int16 MAISI ids, array (x, y, z), affine index -> RAS.
+    grid_node: the volume node whose grid the labels are on (the reference volume), or None.
+    """
+
+    labels: object
+    matches: list[SegmentMatch]
+    body_voxels_added: int = 0
+    grid_node: object | None = None
+
+    @property
+    def unresolved(self) -> list[SegmentMatch]:
+        return [m for m in self.matches if m.matched_by == "unresolved"]
+
+    def summary(self) -> str:
+        used = [m for m in self.matches if m.label_id is not None]
+        text = f"{len(used)} of {len(self.matches)} segments matched to MAISI labels"
+        if self.unresolved:
+            text += "; unresolved: " + ", ".join(repr(m.segment_name) for m in self.unresolved)
+        if self.body_voxels_added:
+            text += f"; body envelope (label 200) added on {self.body_voxels_added} voxels"
+        return text
+
+
+def resolve_label(value) -> tuple[int | None, str | None]:
+    """A MAISI label from an override value: an id (int or digits), a name/synonym or a terminology
+    string. 0, '' or None mean "skip". Raises ValueError for anything unknown."""
+    from maisicore.labels import label_table
+
+    table = label_table()
+    if value is None or (isinstance(value, str) and not value.strip()) or value == 0:
+        return None, None
+    if isinstance(value, (int, np.integer)) or (isinstance(value, str) and value.strip().isdigit()):
+        try:
+            info = table.by_id(int(value))
+        except KeyError:
+            raise ValueError(f"{value!r} is not a MAISI label id (see `maisi labels list`)") from None
+        return info.id, info.name
+    info = table.resolve(str(value))
+    if info is None:
+        raise ValueError(f"{value!r} is not a MAISI label name (see `maisi labels list`)")
+    return info.id, info.name
+
+
+def match_segments(segmentation_node, overrides: dict | None = None) -> list[SegmentMatch]:
+    """Match every segment of ``segmentation_node`` to a MAISI label.
+
+    Order: the user's override (keyed by segment id or segment name), then the segment name (MAISI
+    names, synonyms such as "kidney left", TotalSegmentator class names), then the segment's
+    terminology entry (SNOMED codes as Slicer writes them). Nothing is dropped silently: segments
+    that match nothing are returned with ``matched_by == "unresolved"``."""
+    from maisicore.labels import label_table
+
+    table = label_table()
+    overrides = dict(overrides or {})
+    matches = []
+    for segment_id in mrml.segment_ids(segmentation_node):
+        segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+        name = segment.GetName()
+        key = segment_id if segment_id in overrides else (name if name in overrides else None)
+        if key is not None:
+            label_id, label_name = resolve_label(overrides[key])
+            matches.append(SegmentMatch(segment_id, name, label_id, label_name, "override" if label_id else "skipped"))
+            continue
+        info = table.by_segment_name(name)
+        matched_by = "name"
+        if info is None:
+            entry = mrml.segment_terminology(segment)
+            info = table.by_terminology(entry) if entry else None
+            matched_by = "terminology"
+        if info is None:
+            matches.append(SegmentMatch(segment_id, name, None, None, "unresolved"))
+        else:
+            matches.append(SegmentMatch(segment_id, name, info.id, info.name, matched_by))
+    return matches
+
+
+def labels_from_segmentation(
+    segmentation_node, reference_volume=None, overrides: dict | None = None, add_body: bool = True
+) -> LabelBuild:
+    """The MAISI label volume of a segmentation, on the reference volume's grid (exactly its
+    IJKToRAS and shape) or, without one, on the segmentation's reference geometry.
+
+    Overlapping segments resolve tumours over organs over body, the smaller over the larger
+    (``maisicore.labelmap.labels_from_masks``). With ``add_body`` the body envelope (label 200) fills
+    the body around the labels: from the reference CT (HU > -500) when given, else from the labels."""
+    from maisicore.geometry import Volume
+    from maisicore.labelmap import labels_from_masks, with_body_envelope
+
+    matches = match_segments(segmentation_node, overrides)
+    used = [m for m in matches if m.label_id is not None]
+    if not used:
+        names = ", ".join(repr(m.segment_name) for m in matches) or "none"
+        raise ValueError(
+            f"no segment of {segmentation_node.GetName()!r} matches a MAISI label (segments: {names}); "
+            "rename the segments, set their terminology, or map them in the segment table"
+        )
+    masks, affine = mrml.segment_masks(segmentation_node, [m.segment_id for m in used], reference_volume)
+    grouped: dict[str, np.ndarray] = {}
+    for match in used:  # several segments may map to one label: their union
+        mask = masks[match.segment_id]
+        grouped[match.label_name] = grouped[match.label_name] | mask if match.label_name in grouped else mask
+    labels, report = labels_from_masks(grouped, affine)
+    if add_body:
+        ct = mrml.volume_from_node(reference_volume) if reference_volume is not None else None
+        labels = with_body_envelope(labels, report, ct)
+    labels = Volume(labels.array.astype(np.int16), affine)
+    return LabelBuild(labels, matches, report.body_voxels_added, reference_volume)
+
+
+def mask_grid(segmentation_node, reference_volume=None):
+    """An empty ``Volume`` (uint8 zeros, (x, y, z)) on the grid the segmentation's labels would take:
+    the reference volume's, else the segmentation's reference geometry."""
+    from maisicore.geometry import Volume
+
+    if reference_volume is None:
+        grid = mrml.segmentation_grid(segmentation_node)
+        if grid is None:
+            raise ValueError(f"segmentation {segmentation_node.GetName()!r} has no geometry: choose a reference volume")
+        return Volume(np.zeros(grid[0], np.uint8), grid[1])
+    shape = tuple(int(d) for d in reference_volume.GetImageData().GetDimensions())
+    return Volume(np.zeros(shape, np.uint8), mrml.ijk_to_ras(reference_volume))
+
+
+def inpaint_region_size(volume_node, diameter_mm: float) -> tuple[int, int, int]:
+    """Voxels (x, y, z) of the region ``maisi inpaint`` regenerates around a tumour of
+    ``diameter_mm``: the tumour (up to 15 % larger than the diameter) and 24 mm of context each side,
+    rounded up to multiples of 32, at most 256 (``maisicore.pipelines.inpaint``)."""
+    spacing = np.linalg.norm(mrml.ijk_to_ras(volume_node)[:3, :3], axis=0)
+    side = (float(diameter_mm) * 1.15 + 2 * 24.0) / spacing
+    return tuple(int(min(256, 32 * np.ceil(s / 32))) for s in side)
+
+
+def suggest_grid(labels, model: str = "rflow-ct") -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """The published output grid closest to the labels' field of view: (size (x, y, z) voxels,
+    spacing (x, y, z) mm), axes along the labels' closest RAS axes (``maisicore.grids``)."""
+    from maisicore.grids import closest_valid_grid
+    from maisicore.presets import get_preset
+
+    preset = get_preset(model if model in ("rflow-ct", "ddpm-ct") else "rflow-ct")
+    grid = closest_valid_grid(labels, preset.grid)
+    return tuple(int(s) for s in grid.shape), tuple(round(float(s), 4) for s in grid.spacing)
+
+
+# ---- time estimate ----------------------------------------------------------------------------
+
+# Rough cost of the official-width networks on 2 CPU cores (this project's CI machine): one UNet +
+# ControlNet pass ~1e-4 s per latent voxel (measured: 1.3 s for a 24^3 latent), the exact VAE decode
+# ~1.6e-5 s per image voxel (README, Memory: 33 s for 128^3). CUDA: an assumed 50x speed-up.
+# Shown to the user as an order of magnitude only.
+SECONDS_PER_LATENT_VOXEL_STEP = {"cpu": 1.0e-4, "cuda": 2e-6}
+SECONDS_PER_IMAGE_VOXEL_DECODE = {"cpu": 1.6e-5, "cuda": 3.2e-7}
+DEFAULT_STEPS = {"rflow-ct": 30, "ddpm-ct": 1000}
+
+
+def estimate_seconds(size, steps: int | None, model: str = "rflow-ct", device: str = "cpu") -> float:
+    """Order-of-magnitude run time (s) of one generation at ``size`` (x, y, z) voxels with the
+    official-width model on ``device`` ('cpu' or 'cuda')."""
+    kind = "cuda" if str(device).startswith("cuda") else "cpu"
+    steps = steps or DEFAULT_STEPS.get(model, 30)
+    voxels = float(np.prod(size))
+    return steps * voxels / 64.0 * SECONDS_PER_LATENT_VOXEL_STEP[kind] + voxels * SECONDS_PER_IMAGE_VOXEL_DECODE[kind]
+
+
+def format_duration(seconds: float) -> str:
+    """'45 s', '12 min', '3.2 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+# ---- runs ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationResult:
+    """New nodes of a finished run: the CT volume node and the label segmentation node (None when
+    the run had no labels), plus the worker's output lines."""
+
+    volume_node: object
+    segmentation_node: object | None
+    log: list[str] = field(default_factory=list)
+
+
+class GenerationJob:
+    """One worker run. Poll it (``poll``), then call ``finish`` once ``done``; or ``cancel``.
+
+    The job owns a temporary folder with the worker's inputs and outputs; ``finish`` and ``cancel``
+    delete it. No node is created before ``finish``, so a cancelled or failed run leaves the scene as
+    it was."""
+
+    def __init__(self, command: list[str], workdir: Path, make_result: Callable[[GenerationJob], GenerationResult]):
+        self.command = command
+        self.workdir = workdir
+        self._make_result = make_result
+        self.log: list[str] = []
+        self.progress: tuple[str, int, int] | None = None
+        self.label_build: LabelBuild | None = None  # from-segmentation runs: how the segments were matched
+        self.worker = WorkerProcess(command, env=worker_environment())
+
+    @property
+    def done(self) -> bool:
+        """The worker has exited and its output has been read."""
+        return self.worker.finished_reading()
+
+    def poll(self) -> list[str]:
+        """New output lines since the last call (progress lines update ``progress`` and are not returned)."""
+        new = []
+        for line in self.worker.read_lines():
+            parsed, text = split_progress(line)
+            if parsed is not None:
+                self.progress = parsed
+            if text:
+                new.append(text)
+        self.log += new
+        return new
+
+    def fraction(self) -> float:
+        """Overall progress 0..1: denoising counts 90 %, decoding 10 %."""
+        if self.progress is None:
+            return 0.0
+        stage, done, total = self.progress
+        part = done / max(total, 1)
+        return 0.9 * part if stage == "denoise" else (0.9 + 0.1 * part if stage == "decode" else part)
+
+    def finish(self) -> GenerationResult:
+        """Wait for the worker, then read its outputs into new nodes. Raises RuntimeError with the
+        worker's last lines when it failed. Always deletes the temporary folder."""
+        try:
+            code = self.worker.wait()
+            self.poll()
+            if self.worker.cancelled:
+                raise RuntimeError("the run was cancelled")
+            if code != 0:
+                tail = "\n".join(self.log[-8:]) or "(no output)"
+                raise RuntimeError(f"maisi failed (exit code {code}):\n{tail}")
+            result = self._make_result(self)
+            result.log = list(self.log)
+            return result
+        finally:
+            self.cleanup()
+
+    def cancel(self) -> None:
+        """Kill the worker's process tree and delete the temporary folder; no node is created."""
+        try:
+            self.worker.cancel()
+        finally:
+            self.cleanup()
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _model_label(options: RunOptions) -> str:
+    return options.model if options.model in ("rflow-ct", "ddpm-ct") else Path(options.model).name
+
+
+def _common_args(options: RunOptions) -> list:
+    args = ["--model", options.model]
+    if options.weights_dir:
+        args += ["--weights-dir", options.weights_dir]
+    args += ["--seed", int(options.seed)]
+    if options.steps:
+        args += ["--steps", int(options.steps)]
+    args += ["--device", options.device or "auto"]
+    return args
+
+
+def _unique_name(base: str) -> str:
+    return slicer.mrmlScene.GenerateUniqueName(base)
+
+
+class GenerateLogic:
+    """MAISIGenerate's logic (no Qt). ``python``: the interpreter command that runs the worker
+    (default: PythonSlicer inside Slicer, else this interpreter)."""
+
+    def __init__(self, python: list[str] | None = None):
+        self.python = list(python) if python else worker_python()
+
+    # segments
+    match_segments = staticmethod(match_segments)
+    labels_from_segmentation = staticmethod(labels_from_segmentation)
+    mask_grid = staticmethod(mask_grid)
+    suggest_grid = staticmethod(suggest_grid)
+    inpaint_region_size = staticmethod(inpaint_region_size)
+    estimate_seconds = staticmethod(estimate_seconds)
+
+    def command(self, *args) -> list[str]:
+        """``[python, -m, maisicore, *args]``."""
+        return maisi_command(self.python, *args)
+
+    # ---- starting runs
+    def start(self, source, options: RunOptions) -> GenerationJob:
+        """Prepare the inputs of ``source`` (FromSegmentation, RandomAnatomy or InpaintTumor) in a
+        temporary folder and start the worker. Raises ValueError for a request that cannot run."""
+        starters = {FromSegmentation: self._start_from_segmentation, RandomAnatomy: self._start_random,
+                    InpaintTumor: self._start_inpaint}
+        starter = starters.get(type(source))
+        if starter is None:
+            raise TypeError(f"unknown generation source {type(source).__name__}")
+        workdir = Path(tempfile.mkdtemp(prefix="maisi-generate-"))
+        try:
+            return starter(source, options, workdir)
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+
+    def run(self, source, options: RunOptions, log: Callable[[str], None] | None = None,
+            progress: Callable[[str, int, int], None] | None = None,
+            should_cancel: Callable[[], bool] | None = None) -> GenerationResult | None:
+        """Blocking run (batch scripts, tests, self-tests): start, stream, finish. Returns None when
+        ``should_cancel`` stopped it (nothing added to the scene)."""
+        job = self.start(source, options)
+        if log is not None:
+            log(" ".join(job.command))
+        run_to_end(job.worker, log, progress, should_cancel)
+        if job.worker.cancelled:
+            job.cleanup()
+            return None
+        return job.finish()
+
+    def _start_from_segmentation(self, source: FromSegmentation, options: RunOptions, workdir: Path) -> GenerationJob:
+        from maisicore.io import write_volume
+
+        if source.segmentation is None:
+            raise ValueError("choose a segmentation")
+        build = labels_from_segmentation(source.segmentation, source.reference_volume, source.overrides, source.add_body)
+        mask_file, labels_file, ct_file = workdir / "mask.nrrd", workdir / "labels.nrrd", workdir / "ct.nrrd"
+        write_volume(mask_file, build.labels)
+        args = ["generate", *_common_args(options), "--mask", mask_file, "--label-out", labels_file, "--out", ct_file]
+        if source.fit_grid:
+            args += ["--fit-grid", "--on-mask-grid"]
+            if source.size is not None or source.spacing is not None:
+                if source.size is None or source.spacing is None:
+                    raise ValueError("give both the output size and spacing, or neither")
+                args += ["--size", *map(int, source.size), "--spacing", *map(float, source.spacing)]
+        if options.allow_any_size:
+            args.append("--allow-any-size")
+        name = f"MAISI {_model_label(options)} seed {options.seed}"
+        reference = source.reference_volume
+
+        def make_result(job: GenerationJob) -> GenerationResult:
+            return self._read_outputs(ct_file, labels_file, name, reference)
+
+        job = GenerationJob(self.command(*args), workdir, make_result)
+        job.log.append(build.summary())
+        job.label_build = build
+        return job
+
+    def _start_random(self, source: RandomAnatomy, options: RunOptions, workdir: Path) -> GenerationJob:
+        ct_file, labels_file = workdir / "ct.nrrd", workdir / "labels.nrrd"
+        args = ["generate", *_common_args(options), "--size", *map(int, source.size),
+                "--spacing", *map(float, source.spacing), "--out", ct_file]
+        anatomy = [a.strip() for a in source.anatomy if a.strip()]
+        if anatomy:
+            from maisicore.labels import label_table
+
+            unknown = [a for a in anatomy if label_table().by_segment_name(a) is None]
+            if unknown:
+                raise ValueError(f"not MAISI anatomy names: {', '.join(map(repr, unknown))} (see `maisi labels list`)")
+            args += ["--anatomy", ",".join(anatomy), "--label-out", labels_file]
+            if source.mask_db:
+                args += ["--mask-db", source.mask_db]
+        if source.body_regions:
+            args += ["--body-region", *source.body_regions]
+        if options.allow_any_size:
+            args.append("--allow-any-size")
+        name = f"MAISI {_model_label(options)} seed {options.seed}"
+
+        def make_result(job: GenerationJob) -> GenerationResult:
+            return self._read_outputs(ct_file, labels_file if anatomy else None, name, None)
+
+        return GenerationJob(self.command(*args), workdir, make_result)
+
+    def _start_inpaint(self, source: InpaintTumor, options: RunOptions, workdir: Path) -> GenerationJob:
+        from maisicore.geometry import Volume
+        from maisicore.io import write_volume
+
+        if source.volume is None:
+            raise ValueError("choose the CT volume to inpaint")
+        image_file, ct_file, labels_file = workdir / "image.nrrd", workdir / "ct.nrrd", workdir / "labels.nrrd"
+        write_volume(image_file, mrml.volume_from_node(source.volume))
+        args = ["inpaint", "--image", image_file, "--tumor-type", source.tumor_type]
+        if source.tumor_segmentation is not None and source.tumor_segment_id:
+            masks, affine = mrml.segment_masks(source.tumor_segmentation, [source.tumor_segment_id], source.volume)
+            mask = masks[source.tumor_segment_id]
+            if not mask.any():
+                raise ValueError(f"the tumour segment {source.tumor_segment_id!r} is empty on the CT's grid")
+            write_volume(workdir / "tumor.nrrd", Volume(mask.astype(np.uint8), affine))
+            args += ["--tumor-mask", workdir / "tumor.nrrd"]
+        elif source.center_ras is not None:
+            if not source.diameter_mm or source.diameter_mm <= 0:
+                raise ValueError("give the tumour diameter (mm) with the tumour point")
+            args += ["--tumor-center", *map(float, source.center_ras), "--tumor-diameter", float(source.diameter_mm)]
+        else:
+            raise ValueError("give a tumour segment, or a point and a diameter")
+        if source.anatomy_segmentation is not None:
+            build = labels_from_segmentation(source.anatomy_segmentation, source.volume, source.overrides, True)
+            write_volume(workdir / "anatomy.nrrd", build.labels)
+            args += ["--labels", workdir / "anatomy.nrrd"]
+        args += [*_common_args(options), "--out", ct_file, "--label-out", labels_file]
+        name = f"{source.volume.GetName()} + {source.tumor_type} (MAISI {_model_label(options)} seed {options.seed})"
+        reference = source.volume
+
+        def make_result(job: GenerationJob) -> GenerationResult:
+            return self._read_outputs(ct_file, labels_file, name, reference)
+
+        return GenerationJob(self.command(*args), workdir, make_result)
+
+    @staticmethod
+    def _read_outputs(ct_file: Path, labels_file: Path | None, name: str, reference) -> GenerationResult:
+        """New nodes from the worker's files: the CT (on ``reference``'s exact IJKToRAS when given)
+        and, when written, the label segmentation."""
+        from maisicore.io import read_volume
+
+        ct = read_volume(ct_file)
+        volume_node = mrml.add_volume_node(ct, _unique_name(name), like=reference)
+        segmentation_node = None
+        if labels_file is not None and labels_file.is_file():
+            labels = read_volume(labels_file)
+            labels.array = np.rint(labels.array).astype(np.int16)
+            try:
+                segmentation_node = mrml.add_label_segmentation(labels, _unique_name(f"{name} labels"), volume_node)
+            except BaseException:
+                mrml.remove_nodes(volume_node)
+                raise
+        return GenerationResult(volume_node, segmentation_node)
+
+    # ---- weights
+    def weights_status(self, timeout_s: float = 60) -> list[dict]:
+        """``maisi weights list --json``: one dict per model ({"model", "installed", "path",
+        "license", "license_url", "license_accepted", ...}). Raises RuntimeError when it fails."""
+        result = subprocess.run(self.command("weights", "list", "--json"), capture_output=True, text=True,
+                                env=worker_environment(), timeout=timeout_s, check=False)
+        if result.returncode != 0:
+            message = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise RuntimeError(f"`maisi weights list` failed: {message}")
+        try:
+            rows = json.loads(result.stdout)
+        except ValueError as exc:
+            raise RuntimeError(f"`maisi weights list --json` printed no JSON ({exc})") from exc
+        return rows if isinstance(rows, list) else rows.get("models", [])
+
+    def weights_download_command(self, model: str) -> list[str]:
+        """``maisi weights download MODEL --accept-license``: run only after the user accepted the licence."""
+        return self.command("weights", "download", model, "--accept-license")
+
+    def start_weights_download(self, model: str) -> WorkerProcess:
+        """Start the download (after the user has accepted the licence); poll it like a generation."""
+        return WorkerProcess(self.weights_download_command(model), env=worker_environment())
+
+    def remove_weights(self, model: str, timeout_s: float = 120) -> str:
+        """``maisi weights remove MODEL --yes``: delete a downloaded model from the cache (after the
+        user confirmed). Returns the program's last line; RuntimeError when it fails."""
+        result = subprocess.run(self.command("weights", "remove", model, "--yes"), capture_output=True, text=True,
+                                env=worker_environment(), timeout=timeout_s, check=False)
+        lines = (result.stdout + result.stderr).strip().splitlines() or ["(no output)"]
+        if result.returncode != 0:
+            raise RuntimeError(f"`maisi weights remove {model}` failed: {lines[-1]}")
+        return lines[-1]

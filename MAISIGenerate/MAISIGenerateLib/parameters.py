@@ -1,0 +1,84 @@
+"""What a MAISIGenerate run is asked to do: plain dataclasses (nodes as values), filled by the
+module's parameter node in Slicer or directly by batch scripts and tests. No Qt, no maisicore."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MODES = ("segmentation", "random", "inpaint")
+DEVICES = ("auto", "cpu", "cuda")
+TUMOR_TYPES = ("hepatic tumor", "pancreatic tumor", "lung tumor", "colon cancer primaries", "bone lesion")
+BODY_REGIONS = ("head", "chest", "abdomen", "lower")
+
+
+@dataclass
+class RunOptions:
+    """Model and sampling options common to every mode.
+
+    model: ``rflow-ct``, ``ddpm-ct`` or a weight folder with a ``maisi_model.json`` card.
+    weights_dir: folder of the model's weights (None: the maisi cache, ``$MAISI_HOME/weights/MODEL``).
+    steps: denoising steps (None: the model's default, 30 for rflow-ct, 1000 for ddpm-ct).
+    device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+    allow_any_size: accept sizes that are multiples of 32 and any spacing (tiny models, tests).
+    """
+
+    model: str = "rflow-ct"
+    weights_dir: str | None = None
+    seed: int = 0
+    steps: int | None = None
+    device: str = "auto"
+    allow_any_size: bool = False
+
+
+@dataclass
+class FromSegmentation:
+    """Generate a CT that follows a segmentation.
+
+    segmentation: vtkMRMLSegmentationNode; segments are matched to MAISI labels by name, then by
+        terminology; ``overrides`` (segment id or name -> MAISI id or name; 0 or "" skips the segment)
+        wins over both.
+    reference_volume: vtkMRMLScalarVolumeNode whose grid the labels (and the result) take; its CT also
+        gives the body envelope. None: the segmentation's own reference geometry, envelope from labels.
+    fit_grid: generate on ``size``/``spacing`` (or, when None, the published grid closest to the
+        mask's field of view) around the labelled region, then map the result back onto the mask's grid.
+    size: (x, y, z) voxels; spacing: (x, y, z) mm; both or neither (only with ``fit_grid``).
+    """
+
+    segmentation: object
+    reference_volume: object | None = None
+    overrides: dict = field(default_factory=dict)
+    add_body: bool = True
+    fit_grid: bool = False
+    size: tuple[int, int, int] | None = None
+    spacing: tuple[float, float, float] | None = None
+
+
+@dataclass
+class RandomAnatomy:
+    """Generate a CT without a user mask: with ``anatomy`` (MAISI names) a mask is drawn from the
+    candidate mask database (``mask_db``, default the maisi cache's), else the diffusion model runs
+    alone. size (x, y, z) voxels, spacing (x, y, z) mm; body_regions for ddpm-ct, top first."""
+
+    anatomy: tuple[str, ...] = ()
+    body_regions: tuple[str, ...] = ()
+    size: tuple[int, int, int] = (256, 256, 256)
+    spacing: tuple[float, float, float] = (1.5, 1.5, 2.0)
+    mask_db: str | None = None
+
+
+@dataclass
+class InpaintTumor:
+    """Inpaint a tumour of ``tumor_type`` into ``volume`` (vtkMRMLScalarVolumeNode, HU).
+
+    The tumour is a segment (``tumor_segmentation`` + ``tumor_segment_id``) or a ball around
+    ``center_ras`` (R, A, S mm, e.g. a markup point) of ``diameter_mm``. ``anatomy_segmentation``
+    (optional) gives the host organs (segments matched like FromSegmentation)."""
+
+    volume: object
+    tumor_type: str = "hepatic tumor"
+    tumor_segmentation: object | None = None
+    tumor_segment_id: str | None = None
+    center_ras: tuple[float, float, float] | None = None
+    diameter_mm: float | None = None
+    anatomy_segmentation: object | None = None
+    overrides: dict = field(default_factory=dict)

@@ -1,0 +1,243 @@
+"""MAISIGenerate's logic end to end on real MRML (slicer-core wheel), the real `maisi` worker
+process and tiny random weights (`maisi weights init --width tiny --nonzero-init`).
+
+- From a segmentation on an oblique, flipped grid: a new volume on exactly the reference's grid,
+  voxel for voxel what the `maisi` CLI writes for the same labels and seed; inputs untouched; the
+  label segmentation carries MAISI names, colours and terminology.
+- Inpainting a tumour at a point, and random anatomy without a mask: new nodes, right geometry.
+- Cancel: the worker's process group is gone within 2 s and nothing is added to the scene.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import slicer
+from conftest import run_maisi
+from maisicore.geometry import kji_to_ijk
+from maisicore.io import read_volume, write_volume
+from maisicore.labels import label_table
+from MAISIGenerateLib import mrml
+from MAISIGenerateLib.logic import GenerateLogic
+from MAISIGenerateLib.parameters import (
+    FromSegmentation,
+    InpaintTumor,
+    RandomAnatomy,
+    RunOptions,
+)
+from MAISIGenerateLib.process import WorkerProcess
+from slicer_headless import (
+    add_segmentation,
+    add_volume,
+    live_process_group,
+    node_checksum,
+    node_ids,
+    oblique_flipped_ijk_to_ras,
+    paint_segment,
+    process_alive,
+)
+
+N = 32  # voxels per side: the smallest grid the models accept (--allow-any-size)
+
+
+def _body_ct() -> np.ndarray:
+    """An (x, y, z) int16 CT: air around an elliptic soft-tissue body."""
+    i, j, _k = np.meshgrid(np.arange(N), np.arange(N), np.arange(N), indexing="ij")
+    return np.where(((i - 15.5) / 14) ** 2 + ((j - 15.5) / 12) ** 2 < 1, 40, -1000).astype(np.int16)
+
+
+def _ball(center, radius) -> np.ndarray:
+    i, j, k = np.meshgrid(np.arange(N), np.arange(N), np.arange(N), indexing="ij")
+    return (i - center[0]) ** 2 + (j - center[1]) ** 2 + (k - center[2]) ** 2 < radius**2
+
+
+@pytest.fixture
+def sphere_case(scene):
+    """A reference CT on an oblique, flipped 4 mm grid and a segmentation painted on it: a liver
+    sphere with a tumour inside, named as a user would."""
+    ijk_to_ras = oblique_flipped_ijk_to_ras(spacing=(4.0, 4.0, 4.0))
+    reference = add_volume(_body_ct(), ijk_to_ras, "CT")
+    segmentation = add_segmentation("Painted", reference)
+    paint_segment(segmentation, "Liver", _ball((12, 14, 16), 7), reference)
+    paint_segment(segmentation, "liver tumour", _ball((11, 14, 16), 2.5), reference)
+    return reference, segmentation
+
+
+def _options(tiny_weights, **kwargs) -> RunOptions:
+    values = dict(model="rflow-ct", weights_dir=str(tiny_weights["rflow-ct"]), seed=7, steps=2, device="cpu",
+                  allow_any_size=True)
+    values.update(kwargs)
+    return RunOptions(**values)
+
+
+def _with_display_nodes(*nodes) -> set[str]:
+    """IDs of ``nodes`` and of their display nodes."""
+    ids = set()
+    for node in nodes:
+        ids.add(node.GetID())
+        ids |= {node.GetNthDisplayNode(i).GetID() for i in range(node.GetNumberOfDisplayNodes())}
+    return ids
+
+
+def _maisi_temp_dirs() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).glob("maisi-generate-*")}
+
+
+def test_generation_from_segmentation_matches_the_cli_on_the_reference_grid(scene, sphere_case, tiny_weights, tmp_path):
+    reference, segmentation = sphere_case
+    before = {node.GetID(): node_checksum(node) for node in (reference, segmentation)}
+    nodes_before = node_ids(scene)
+    temp_before = _maisi_temp_dirs()
+    logic = GenerateLogic()
+    lines = []
+
+    result = logic.run(FromSegmentation(segmentation, reference), _options(tiny_weights), log=lines.append)
+
+    # A new volume node, named with model and seed, on exactly the reference's grid.
+    volume = result.volume_node
+    assert volume.GetID() not in nodes_before and volume is not reference
+    assert volume.GetName() == "MAISI rflow-ct seed 7"
+    np.testing.assert_array_equal(mrml.ijk_to_ras(volume), mrml.ijk_to_ras(reference))
+    ct = kji_to_ijk(slicer.util.arrayFromVolume(volume))
+    assert ct.shape == (N, N, N) and ct.dtype == np.int16
+
+    # Voxel for voxel what the maisi CLI writes for the same labels, weights and seed.
+    labels = logic.labels_from_segmentation(segmentation, reference).labels
+    write_volume(tmp_path / "mask.nrrd", labels)
+    cli = run_maisi("generate", "--model", "rflow-ct", "--weights-dir", tiny_weights["rflow-ct"],
+                    "--mask", tmp_path / "mask.nrrd", "--seed", 7, "--steps", 2, "--device", "cpu",
+                    "--allow-any-size", "--out", tmp_path / "cli.nii.gz")
+    assert cli.returncode == 0, cli.stderr
+    expected = read_volume(tmp_path / "cli.nii.gz")
+    np.testing.assert_array_equal(ct, expected.array)
+    assert ct.std() > 0
+
+    # The inputs are unchanged and nothing else was added or left behind.
+    assert {node.GetID(): node_checksum(node) for node in (reference, segmentation)} == before
+    assert node_ids(scene) - nodes_before == _with_display_nodes(volume, result.segmentation_node)
+    assert _maisi_temp_dirs() <= temp_before
+    assert any(line.startswith("wrote ") for line in lines)
+
+    # The label segmentation: one segment per label used, MAISI names, colours and terminology.
+    table = label_table()
+    labels_node = result.segmentation_node
+    assert labels_node.GetName() == "MAISI rflow-ct seed 7 labels"
+    segments = {}
+    for segment_id in mrml.segment_ids(labels_node):
+        segment = labels_node.GetSegmentation().GetSegment(segment_id)
+        info = table.by_name(segment.GetName())
+        segments[info.id] = segment_id
+        assert mrml.segment_terminology(segment) == info.terminology_entry()
+        np.testing.assert_allclose(segment.GetColor(), np.array(info.color) / 255.0)
+    assert set(segments) == {1, 26, 200}  # liver, hepatic tumor, body
+    for label_id, segment_id in segments.items():
+        mask = kji_to_ijk(slicer.util.arrayFromSegmentBinaryLabelmap(labels_node, segment_id, volume))
+        np.testing.assert_array_equal(mask != 0, labels.array == label_id)
+
+
+def test_inpainting_a_tumour_at_a_point_gives_a_new_volume_on_the_input_grid(scene, tiny_weights):
+    ijk_to_ras = oblique_flipped_ijk_to_ras(spacing=(2.0, 2.0, 2.0))
+    ct_array = _body_ct()
+    ct = add_volume(ct_array, ijk_to_ras, "Patient CT")
+    checksum = node_checksum(ct)
+    center = (ijk_to_ras @ [15.5, 15.5, 15.5, 1.0])[:3]
+
+    result = GenerateLogic().run(
+        InpaintTumor(ct, "hepatic tumor", center_ras=tuple(center), diameter_mm=8.0), _options(tiny_weights, seed=3)
+    )
+
+    assert result.volume_node.GetName() == "Patient CT + hepatic tumor (MAISI rflow-ct seed 3)"
+    np.testing.assert_array_equal(mrml.ijk_to_ras(result.volume_node), mrml.ijk_to_ras(ct))
+    out = kji_to_ijk(slicer.util.arrayFromVolume(result.volume_node))
+    assert out.shape == ct_array.shape and out.dtype == ct_array.dtype
+    changed = out != ct_array
+    assert changed.any()
+    assert not changed[_ball((15.5, 15.5, 15.5), 12) == 0].any()  # only around the tumour
+    assert node_checksum(ct) == checksum
+    names = {labels.GetName() for labels in [result.segmentation_node.GetSegmentation().GetNthSegment(i)
+                                             for i in range(result.segmentation_node.GetSegmentation().GetNumberOfSegments())]}
+    assert "hepatic tumor" in names
+
+
+def test_random_anatomy_without_a_mask_gives_a_volume_and_no_labels(scene, tiny_weights):
+    result = GenerateLogic().run(RandomAnatomy(size=(N, N, N), spacing=(5.0, 5.0, 5.0)), _options(tiny_weights, seed=1))
+    assert result.segmentation_node is None
+    np.testing.assert_allclose(np.linalg.norm(mrml.ijk_to_ras(result.volume_node)[:3, :3], axis=0), 5.0)
+    assert slicer.util.arrayFromVolume(result.volume_node).shape == (N, N, N)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; Windows uses taskkill /T")
+def test_cancel_kills_the_worker_within_2_s_and_adds_nothing(scene, sphere_case, tiny_weights):
+    reference, segmentation = sphere_case
+    nodes_before = node_ids(scene)
+    temp_before = _maisi_temp_dirs()
+    # 1000 denoising steps on a 128³ grid: minutes of work for the worker.
+    job = GenerateLogic().start(RandomAnatomy(size=(128, 128, 128), spacing=(2.0, 2.0, 2.0)),
+                                _options(tiny_weights, steps=1000))
+    deadline = time.monotonic() + 180
+    while job.progress is None:  # wait for the first progress line: the model is loaded and running
+        job.poll()
+        assert not job.done, "\n".join(job.log)
+        assert time.monotonic() < deadline, "no progress line from the worker"
+        time.sleep(0.05)
+    pid = job.worker.pid
+    assert pid in live_process_group(pid)
+
+    started = time.monotonic()
+    job.cancel()
+    while live_process_group(pid) and time.monotonic() - started < 2.0:
+        time.sleep(0.01)
+    assert not live_process_group(pid), "worker process group still alive 2 s after cancel"
+    assert time.monotonic() - started < 2.0
+    assert job.worker.returncode is not None and job.worker.returncode != 0
+    assert node_ids(scene) == nodes_before
+    assert not job.workdir.exists() and _maisi_temp_dirs() <= temp_before
+
+    # The blocking path (batch scripts) cancels the same way and returns None.
+    seen = []
+    result = GenerateLogic().run(FromSegmentation(segmentation, reference), _options(tiny_weights, steps=1000),
+                                 progress=lambda *p: seen.append(p), should_cancel=lambda: bool(seen))
+    assert result is None and seen
+    assert node_ids(scene) == nodes_before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; Windows uses taskkill /T")
+def test_cancel_kills_grandchildren_too():
+    script = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; print(\"grandchild\", flush=True); time.sleep(120)'])\n"
+        "print('child', child.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    worker = WorkerProcess([sys.executable, "-c", script])
+    lines, deadline = [], time.monotonic() + 30
+    while len(lines) < 2 and time.monotonic() < deadline:
+        lines += worker.read_lines()
+        time.sleep(0.02)
+    grandchild = int(next(line.split()[1] for line in lines if line.startswith("child")))
+    started = time.monotonic()
+    worker.cancel()
+    assert time.monotonic() - started < 2.0
+    assert not live_process_group(worker.pid)
+    assert not process_alive(grandchild)
+
+
+def test_weights_status_and_download_command(monkeypatch, tmp_path):
+    """What the Model panel shows comes from `maisi weights list --json`; the download runs only
+    with --accept-license, which the panel passes after the user accepted the licence."""
+    monkeypatch.setenv("MAISI_HOME", str(tmp_path))
+    logic = GenerateLogic()
+    rows = {row["model"]: row for row in logic.weights_status()}
+    assert set(rows) == {"rflow-ct", "ddpm-ct"}
+    for model, row in rows.items():
+        assert row["installed"] is False and row["license_accepted"] is False
+        assert row["license"] and row["license_url"].startswith("https://")
+        assert row["path"] == str(tmp_path / "weights" / model)
+    assert logic.weights_download_command("rflow-ct")[-5:] == ["maisicore", "weights", "download", "rflow-ct",
+                                                               "--accept-license"]
+    assert logic.remove_weights("rflow-ct").startswith("rflow-ct: nothing to remove")
