@@ -86,7 +86,7 @@ class MAISIGenerateParameterNode:
     """Module state. Nodes are inputs only: results are always new nodes."""
 
     mode: Annotated[str, Choice(list(MODES))] = "segmentation"
-    model: Annotated[str, Choice(["rflow-ct", "ddpm-ct"])] = "rflow-ct"
+    model: Annotated[str, Choice(["rflow-ct", "ddpm-ct", "demo"])] = "rflow-ct"
     # From segmentation
     inputSegmentation: vtkMRMLSegmentationNode
     referenceVolume: vtkMRMLScalarVolumeNode
@@ -332,7 +332,9 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._weightRows:
             return
         row = self._weightRows.get(model)
-        if row is None:
+        if model == "demo":
+            self.ui.weightsStatusLabel.text = _("demo: bundled with maisicore (tiny, one patient; for trying things out)")
+        elif row is None:
             self.ui.weightsStatusLabel.text = _("{model}: unknown to `maisi weights list`").format(model=model)
         elif row.get("installed"):
             self.ui.weightsStatusLabel.text = _("{model}: installed in {path}").format(model=model, path=row.get("path", "?"))

@@ -104,7 +104,8 @@ def test_maisicore_cmake_ships_every_file_of_the_package():
         assert (folder / path).is_file(), f"MAISICore/CMakeLists.txt lists {path}, which does not exist"
     package = folder / "maisicore"
     python = {f"maisicore/{p}" for p in _files(package, "*.py")}
-    data = {f"maisicore/{p}" for p in _files(package, "*.json")} | {"maisicore/requirements.txt"}
+    data = {f"maisicore/{p}" for pattern in ("*.json", "*.md", "*.pt") for p in _files(package, pattern)}
+    data |= {"maisicore/requirements.txt"}
     assert python - set(listed["SCRIPTS"]) == set(), "maisicore .py files missing from MAISICore/CMakeLists.txt"
     assert data - set(listed["RESOURCES"]) == set(), "maisicore data files missing from MAISICore/CMakeLists.txt"
     assert not (folder / "MAISICore.py").exists() and "WITH_GENERIC_TESTS" not in (folder / "CMakeLists.txt").read_text()

@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
             "are set to -1000 HU. Without a mask the diffusion model runs alone on a grid centred on the origin."
         ),
     )
-    gen.add_argument("--model", default="rflow-ct", metavar="rflow-ct|ddpm-ct|DIR",
-                     help="model name, or a weight folder with a maisi_model.json card (default: rflow-ct)")
+    gen.add_argument("--model", default="rflow-ct", metavar="rflow-ct|ddpm-ct|demo|DIR",
+                     help="model name (demo: the small model shipped with maisicore, for trying things out on CPU), "
+                          "or a weight folder with a maisi_model.json card (default: rflow-ct)")
     gen.add_argument("--weights-dir", metavar="DIR",
                      help="folder of the model's weight files (reference layout, models/*.pt); "
                           "default: $MAISI_HOME/weights/MODEL")
@@ -244,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     inpaint.add_argument("--tumor-type", required=True, metavar="NAME",
                          help='"hepatic tumor", "pancreatic tumor", "lung tumor", "colon cancer primaries", "bone lesion"')
     inpaint.add_argument("--labels", metavar="LABELS", help="MAISI anatomy labels on the CT's grid")
-    inpaint.add_argument("--model", default="rflow-ct", metavar="rflow-ct|ddpm-ct|DIR")
+    inpaint.add_argument("--model", default="rflow-ct", metavar="rflow-ct|ddpm-ct|demo|DIR")
     inpaint.add_argument("--weights-dir", metavar="DIR")
     inpaint.add_argument("--seed", type=int, default=0)
     inpaint.add_argument("--steps", type=_positive_int)
@@ -620,9 +621,13 @@ def _cmd_train(args) -> int:
         weighted_loss=args.label_weight, perceptual_weights=args.perceptual_weights,
         amp=False if args.no_amp else None,
     )
-    result = train(args.stage, args.datalist, args.out, get_preset(args.model, args.width), config, init=args.init,
-                   resume=args.resume, device=args.device, validation_fold=args.validation_fold,
-                   controlnet_from_unet=args.controlnet_from_unet, log=lambda m: print(m, flush=True))
+    try:
+        result = train(args.stage, args.datalist, args.out, get_preset(args.model, args.width), config, init=args.init,
+                       resume=args.resume, device=args.device, validation_fold=args.validation_fold,
+                       controlnet_from_unet=args.controlnet_from_unet, log=lambda m: print(m, flush=True))
+    except KeyboardInterrupt:
+        _say(f"maisi: training cancelled; {args.out}/checkpoint/last.pt holds the last checkpoint (add --resume to continue)")
+        return 130
     return 0 if result.steps else 1
 
 

@@ -58,12 +58,27 @@ def read_model_card(weights_dir: Path) -> dict | None:
     return data
 
 
+DEMO_MODEL = "demo"
+
+
+def demo_weights_dir() -> Path:
+    """The bundled demo model (tiny rflow-ct trained on one real CT, ``data/demo/MODEL_CARD.md``)."""
+    return Path(__file__).resolve().parent / "data" / "demo"
+
+
 def resolve_model(model: str, weights_dir: str | os.PathLike | None) -> tuple[ModelPreset, Path]:
     """Turn ``--model`` and ``--weights-dir`` into a preset and a weight folder.
 
-    ``model`` is ``rflow-ct``/``ddpm-ct`` (weights in ``weights_dir`` or the default cache) or a
-    weight folder with a model card. The width comes from the card (official when there is none).
+    ``model`` is ``rflow-ct``/``ddpm-ct`` (weights in ``weights_dir`` or the default cache), ``demo``
+    (the small model shipped in the package) or a weight folder with a model card. The width comes
+    from the card (official when there is none).
     """
+    if model == DEMO_MODEL:
+        if weights_dir:
+            raise InputError("--model demo is the bundled model; leave out --weights-dir")
+        if read_model_card(demo_weights_dir()) is None:
+            raise InputError(f"the demo model is missing from this installation ({demo_weights_dir()})")
+        model = str(demo_weights_dir())
     if model in MODEL_NAMES:
         folder = Path(weights_dir) if weights_dir else default_weights_root() / model
         if not folder.is_dir():
