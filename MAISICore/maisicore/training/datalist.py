@@ -103,12 +103,16 @@ def prepare_datalist(
     entries, problems = [], []
     for folder in skipped_dirs:
         problems.append({"file": _relative(folder, root), "reason": "a folder (DICOM series are not read: convert to NIfTI first)"})
+
+    def skip(image_path: Path, problem_file: Path, reason: str, why: str) -> None:
+        problems.append({"file": _relative(problem_file, root), "reason": reason})
+        log(f"skipped {image_path.name}: {why}")
+
     for index, image_path in enumerate(images):
         try:
             image, _ = to_closest_ras(read_volume(image_path))
         except InputError as exc:
-            problems.append({"file": _relative(image_path, root), "reason": str(exc)})
-            log(f"skipped {image_path.name}: {exc}")
+            skip(image_path, image_path, str(exc), str(exc))
             continue
         entry = {
             "image": _relative(image_path, root),
@@ -125,14 +129,12 @@ def prepare_datalist(
             try:
                 labels, _ = to_closest_ras(read_volume(label_path))
             except InputError as exc:
-                problems.append({"file": _relative(label_path, root), "reason": str(exc)})
-                log(f"skipped {image_path.name}: its labels are unreadable ({exc})")
+                skip(image_path, label_path, str(exc), f"its labels are unreadable ({exc})")
                 continue
             if not labels.same_grid(image):
                 reason = (f"labels {labels.shape} voxels at {_fmt(labels.spacing)} mm are not on the image's grid "
                           f"{image.shape} at {_fmt(image.spacing)} mm")
-                problems.append({"file": _relative(label_path, root), "reason": reason})
-                log(f"skipped {image_path.name}: {reason}")
+                skip(image_path, label_path, reason, reason)
                 continue
             entry["label"] = _relative(label_path, root)
             region = body_region_from_mask(np.asarray(labels.array))
