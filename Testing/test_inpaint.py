@@ -90,17 +90,21 @@ def test_cost_follows_the_region_not_the_scan(tiny_weights, real_data):
     model = load_model(get_preset("rflow-ct", "tiny"), tiny_weights["rflow-ct"])
     point = (64.0, 185.0, 150.0)
 
-    def timed(volume):
-        mask = ball_tumor(volume, point, 20.0, seed=0)
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            result = inpaint(model, volume, mask, "hepatic tumor", None, seed=0, steps=4)
-            times.append(time.perf_counter() - start)
-        return min(times), result
+    masks = {id(volume): ball_tumor(volume, point, 20.0, seed=0) for volume in (ct, big)}
 
-    small_time, small = timed(ct)
-    big_time, large = timed(big)
+    def timed(volume):
+        start = time.perf_counter()
+        result = inpaint(model, volume, masks[id(volume)], "hepatic tumor", None, seed=0, steps=4)
+        return time.perf_counter() - start, result
+
+    # Interleaved runs, best of four each: a burst of load from other processes hits both sizes alike.
+    small_times, big_times = [], []
+    for _ in range(4):
+        elapsed, small = timed(ct)
+        small_times.append(elapsed)
+        elapsed, large = timed(big)
+        big_times.append(elapsed)
+    small_time, big_time = min(small_times), min(big_times)
     assert small.roi_shape == large.roi_shape
     assert big_time <= 1.3 * small_time, (small_time, big_time)
     # Same region, same result.

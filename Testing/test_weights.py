@@ -11,7 +11,7 @@ import torch
 from conftest import run_maisi
 from maisicore.errors import InputError
 from maisicore.presets import get_preset
-from maisicore.weights import init_weights, load_checkpoint, load_model
+from maisicore.weights import init_weights, load_checkpoint, load_model, save_checkpoint
 
 
 def _assert_same_state(a: torch.nn.Module, b: dict):
@@ -118,3 +118,16 @@ def test_weights_init_cli_writes_card_and_layout(tmp_path):
     assert sorted(p.name for p in (tmp_path / "w" / "models").iterdir()) == [
         "autoencoder_v1.pt", "controlnet_3d_ddpm-ct.pt", "diff_unet_3d_ddpm-ct.pt"
     ]
+
+
+def test_equal_weights_give_byte_identical_files(tmp_path):
+    """Checkpoints are written through a temp file, yet the archive inside carries no random name:
+    equal tensors give equal bytes (the demo model's rerun is checked with a byte comparison)."""
+    state = {"unet_state_dict": {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4)}, "scale_factor": torch.tensor(1.0)}
+    first, second = tmp_path / "a" / "diff_unet.pt", tmp_path / "b" / "diff_unet.pt"
+    for path in (first, second):
+        path.parent.mkdir()
+        save_checkpoint(path, state)
+    assert first.read_bytes() == second.read_bytes()
+    assert not list(tmp_path.rglob(".*.tmp"))  # no temp file left behind
+    assert torch.equal(load_checkpoint(first)["unet_state_dict"]["w"], state["unet_state_dict"]["w"])

@@ -283,5 +283,14 @@ def init_weights(
 
 
 def save_checkpoint(path: Path, obj: dict) -> Path:
-    """``torch.save`` through a temporary file and a rename."""
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """``torch.save`` through a temporary file and a rename.
+
+    The file is written through a handle, so the archive's internal folder is torch's fixed
+    ``archive/`` rather than the temporary file's random name: equal tensors give equal bytes.
+    """
+
+    def write(tmp):
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+
+    return atomic_write(path, write)
