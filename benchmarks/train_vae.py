@@ -12,7 +12,6 @@ validation L1 is at most half the first one and the whole run took at most 10 mi
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess
@@ -20,6 +19,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from maisicore.training.run import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,11 +41,7 @@ def one_run(data: Path, steps: int, lr: float, validate_every: int, seed: int) -
                "--init", root / "start", "--patch-size", 32, 32, 32, "--max-steps", steps, "--lr", lr,
                "--validate-every", validate_every, "--checkpoint-every", steps, "--seed", seed, "--device", "cpu")
         wall = time.monotonic() - started
-        curve = []
-        for line in (root / "run" / "metrics.jsonl").read_text().splitlines():
-            record = json.loads(line)
-            if "val_l1" in record:
-                curve.append((record["step"], record["val_l1"], record["time_s"]))
+        curve = [(r["step"], r["val_l1"], r["time_s"]) for r in read_metrics(root / "run" / "metrics.jsonl") if "val_l1" in r]
         return curve, wall
 
 

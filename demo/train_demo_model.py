@@ -26,6 +26,9 @@ from pathlib import Path
 
 import torch
 
+from maisicore.training.run import read_metrics
+from maisicore.weights import load_checkpoint
+
 REPO = Path(__file__).resolve().parent.parent
 PACKAGED = REPO / "MAISICore" / "maisicore" / "data" / "demo"
 # Runs in order: (steps, learning rate, seed). The VAE trains three times, each run starting from
@@ -46,7 +49,7 @@ REPRODUCE_TOLERANCE = 0.10  # a rerun's metrics may differ from the bundled mode
 def maisi(*args, log) -> str:
     command = [sys.executable, "-m", "maisicore", *map(str, args)]
     log(f"$ maisi {' '.join(map(str, args))}")
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, check=False, capture_output=True, text=True)
     if result.returncode not in (0, 1):
         raise SystemExit(f"failed ({result.returncode}): {result.stderr.strip().splitlines()[-1]}")
     for line in result.stdout.strip().splitlines()[-3:]:
@@ -54,14 +57,14 @@ def maisi(*args, log) -> str:
     return result.stdout
 
 
-def last_validation(run: Path, key: str) -> float:
-    values = [json.loads(line)[key] for line in (run / "metrics.jsonl").read_text().splitlines() if key in line]
-    return float(values[-1])
+def validation_curve(run: Path, key: str) -> list[float]:
+    """The validation values ``key`` that a ``maisi train`` run recorded, in step order."""
+    return [float(record[key]) for record in read_metrics(run / "metrics.jsonl") if key in record]
 
 
-def first_validation(run: Path, key: str) -> float:
-    values = [json.loads(line)[key] for line in (run / "metrics.jsonl").read_text().splitlines() if key in line]
-    return float(values[0])
+def first_and_last(curve: list[float]) -> list[float]:
+    """A curve as the model card records it: [first, last], 5 decimals."""
+    return [round(curve[0], 5), round(curve[-1], 5)]
 
 
 def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
@@ -94,8 +97,7 @@ def compare_with_bundled(card: dict, models: Path, log) -> bool:
         log(f"  {name}: {ours[name]:g} (bundled {theirs[name]:g}, {difference:.1%})")
     identical = []
     for path in sorted((PACKAGED / "models").glob("*.pt")):
-        mine, shipped = (torch.load(p, map_location="cpu", weights_only=True) for p in (models / path.name, path))
-        identical.append(_same_tensors(mine, shipped))
+        identical.append(_same_tensors(load_checkpoint(models / path.name), load_checkpoint(path)))
     within = worst <= REPRODUCE_TOLERANCE
     log(f"largest metric difference {worst:.1%} ({'within' if within else 'OUTSIDE'} {REPRODUCE_TOLERANCE:.0%}); "
         f"weight tensors {'identical' if all(identical) else 'differ'} in {sum(identical)}/{len(identical)} files")
@@ -103,7 +105,7 @@ def compare_with_bundled(card: dict, models: Path, log) -> bool:
 
 
 def _same_tensors(a, b) -> bool:
-    """Equal structure and bit-identical tensors (checkpoints as torch.load returns them)."""
+    """Equal structure and bit-identical tensors (checkpoints as load_checkpoint returns them)."""
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_same_tensors(a[k], b[k]) for k in a)
     if isinstance(a, torch.Tensor):
@@ -195,7 +197,7 @@ def main() -> int:
         steps, lr, seed = RUNS[name]
         metrics = out / name / "metrics.jsonl"
         if metrics.is_file():  # finished by an earlier call of this script: keep it
-            records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            records = read_metrics(metrics)
             if records and records[-1].get("step") == steps and (out / name / "checkpoint" / "last.pt").is_file():
                 timings[f"{name}_s"] = round(records[-1]["time_s"], 1)
                 log(f"{name}: already trained ({steps} steps), kept")
@@ -228,11 +230,9 @@ def main() -> int:
     maisi("qc", ct, "--label", labels, "--json", out / "qc.json", log=log)
     qc = {row["organ"]: row for row in json.loads((out / "qc.json").read_text())}
     metrics = {
-        "vae_val_l1": [round(first_validation(out / "vae", "val_l1"), 5), round(last_validation(out / "vae_polish", "val_l1"), 5)],
-        "diffusion_val_loss": [round(first_validation(out / "diffusion", "val_loss"), 5),
-                               round(last_validation(out / "diffusion", "val_loss"), 5)],
-        "controlnet_val_loss": [round(first_validation(out / "controlnet", "val_loss"), 5),
-                                round(last_validation(out / "controlnet", "val_loss"), 5)],
+        "vae_val_l1": first_and_last(validation_curve(out / "vae", "val_l1") + validation_curve(out / "vae_polish", "val_l1")),
+        "diffusion_val_loss": first_and_last(validation_curve(out / "diffusion", "val_loss")),
+        "controlnet_val_loss": first_and_last(validation_curve(out / "controlnet", "val_loss")),
         "generated_median_hu": {organ: qc[organ]["median_hu"] for organ in ("liver", "spleen", "kidney", "bone") if organ in qc},
         "qc_passed": all(qc[o]["passed"] for o in ("liver", "spleen", "kidney", "bone") if o in qc),
     }

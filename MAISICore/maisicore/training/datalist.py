@@ -104,15 +104,16 @@ def prepare_datalist(
     for folder in skipped_dirs:
         problems.append({"file": _relative(folder, root), "reason": "a folder (DICOM series are not read: convert to NIfTI first)"})
 
-    def skip(image_path: Path, problem_file: Path, reason: str, why: str) -> None:
+    def skip(image_path: Path, problem_file: Path, reason: str, logged: str | None = None) -> None:
+        """Record ``problem_file`` as a problem and log that ``image_path``'s case is left out."""
         problems.append({"file": _relative(problem_file, root), "reason": reason})
-        log(f"skipped {image_path.name}: {why}")
+        log(f"skipped {image_path.name}: {logged or reason}")
 
     for index, image_path in enumerate(images):
         try:
             image, _ = to_closest_ras(read_volume(image_path))
         except InputError as exc:
-            skip(image_path, image_path, str(exc), str(exc))
+            skip(image_path, image_path, str(exc))
             continue
         entry = {
             "image": _relative(image_path, root),
@@ -134,7 +135,7 @@ def prepare_datalist(
             if not labels.same_grid(image):
                 reason = (f"labels {labels.shape} voxels at {_fmt(labels.spacing)} mm are not on the image's grid "
                           f"{image.shape} at {_fmt(image.spacing)} mm")
-                skip(image_path, label_path, reason, reason)
+                skip(image_path, label_path, reason)
                 continue
             entry["label"] = _relative(label_path, root)
             region = body_region_from_mask(np.asarray(labels.array))
