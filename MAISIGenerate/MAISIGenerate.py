@@ -409,7 +409,7 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not dependencies.torch_installed():
             self.ui.segmentStatusLabel.text = _("Install the dependencies to match segments to MAISI labels.")
             return
-        from maisicore.labels import label_table
+        from maisicore.anatomy.labels import label_table
 
         names = [NOT_USED] + [info.name for info in label_table()]
         matches = self.logic.match_segments(node, self._overrides())

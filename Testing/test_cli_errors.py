@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_maisi
-from maisicore.geometry import Volume
-from maisicore.io import write_volume
+from maisicore.io.geometry import Volume
+from maisicore.io.volumes import write_volume
 
 
 @pytest.fixture(scope="module")

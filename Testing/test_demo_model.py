@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
-
 from conftest import run_maisi
-from maisicore.io import read_volume
-from maisicore.weights import demo_weights_dir, read_model_card
+from maisicore.io.volumes import read_volume
+from maisicore.models.weights import demo_weights_dir, read_model_card
 
 ORGANS = ("liver", "spleen", "kidney", "bone")
 

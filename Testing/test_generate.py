@@ -7,13 +7,12 @@ import hashlib
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import body_mask_from_real_data, run_maisi
-from maisicore.geometry import Volume, centered_affine
-from maisicore.io import read_volume, write_volume
+from maisicore.io.geometry import Volume, centered_affine
+from maisicore.io.volumes import read_volume, write_volume
+from maisicore.models.presets import get_preset
+from maisicore.models.weights import load_model
 from maisicore.pipelines.generate import generate, plan_generation
-from maisicore.presets import get_preset
-from maisicore.weights import load_model
 
 GRID = ["--size", 64, 64, 64, "--spacing", 4, 4, 4, "--allow-any-size", "--device", "cpu"]
 

@@ -8,13 +8,12 @@ import time
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import run_maisi
-from maisicore.geometry import Volume
-from maisicore.io import read_volume
+from maisicore.io.geometry import Volume
+from maisicore.io.volumes import read_volume
+from maisicore.models.presets import get_preset
+from maisicore.models.weights import load_model
 from maisicore.pipelines.inpaint import ball_tumor, check_host, inpaint
-from maisicore.presets import get_preset
-from maisicore.weights import load_model
 
 LIVER_POINT = (64.0, 185.0, 150.0)  # RAS mm, inside the liver of example_ct_sm
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from maisicore import labels
-from maisicore.labels import Code, LabelInfo, label_dict, label_table
+from maisicore.anatomy import labels
+from maisicore.anatomy.labels import Code, LabelInfo, label_dict, label_table
 
 TUMOR_IDS = {23, 24, 26, 27, 128}
 

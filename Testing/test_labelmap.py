@@ -8,14 +8,18 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import run_maisi
-from maisicore.body import body_from_ct, fill_holes, largest_component
-from maisicore.geometry import Volume
-from maisicore.grids import Grid, closest_valid_grid, image_on_grid, labels_on_grid
-from maisicore.io import read_volume, write_volume
-from maisicore.labelmap import labels_from_masks, read_totalsegmentator
-from maisicore.labels import label_table
+from maisicore.anatomy.body import body_from_ct, fill_holes, largest_component
+from maisicore.anatomy.grids import (
+    Grid,
+    closest_valid_grid,
+    image_on_grid,
+    labels_on_grid,
+)
+from maisicore.anatomy.labelmap import labels_from_masks, read_totalsegmentator
+from maisicore.anatomy.labels import label_table
+from maisicore.io.geometry import Volume
+from maisicore.io.volumes import read_volume, write_volume
 
 
 def _array(path):
@@ -227,7 +231,7 @@ def test_paired_generation_from_a_candidate_database(tiny_weights, converted, tm
 
 
 def test_tumour_augmentation_stays_in_its_organ(converted):
-    from maisicore.maskdb import augment_tumors
+    from maisicore.anatomy.maskdb import augment_tumors
 
     labels = read_volume(converted[0]).array.astype(np.int16)
     liver = np.argwhere(labels == 1).mean(axis=0).round().astype(int)

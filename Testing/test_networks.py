@@ -7,9 +7,13 @@ import json
 
 import pytest
 import torch
-
-from maisicore.networks import build_autoencoder, build_controlnet, build_diffusion_unet, build_scheduler
-from maisicore.presets import get_preset
+from maisicore.models.networks import (
+    build_autoencoder,
+    build_controlnet,
+    build_diffusion_unet,
+    build_scheduler,
+)
+from maisicore.models.presets import get_preset
 
 # Parameter counts published with MAISI (millions): VAE, UNet, ControlNet.
 PUBLISHED_MILLIONS = {"rflow-ct": (20.94, 180.50, 72.04), "ddpm-ct": (20.94, 169.37, 68.64)}

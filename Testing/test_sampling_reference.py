@@ -9,14 +9,13 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
-
-from maisicore.decode import decode_latents
-from maisicore.geometry import Volume
-from maisicore.labels import binarize_labels
-from maisicore.networks import build_scheduler
+from maisicore.anatomy.labels import binarize_labels
+from maisicore.io.geometry import Volume
+from maisicore.models.networks import build_scheduler
+from maisicore.models.presets import get_preset
+from maisicore.models.weights import load_model
 from maisicore.pipelines.generate import generate_latents, plan_generation
-from maisicore.presets import get_preset
-from maisicore.weights import load_model
+from maisicore.vae.decode import decode_latents
 
 
 def _mask(shape=(64, 64, 64)):

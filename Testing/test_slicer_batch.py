@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import slicer
-from maisicore.io import read_volume
+from maisicore.io.volumes import read_volume
 from slicer_headless import REPO, add_segmentation, add_volume, paint_segment
 
 SCRIPT = REPO / "Examples" / "maisi_generate_batch.py"

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import slicer
 from conftest import run_maisi
-from maisicore.geometry import kji_to_ijk
-from maisicore.io import read_volume, write_volume
-from maisicore.labels import label_table
+from maisicore.anatomy.labels import label_table
+from maisicore.io.geometry import kji_to_ijk
+from maisicore.io.volumes import read_volume, write_volume
 from MAISIGenerateLib import mrml
 from MAISIGenerateLib.logic import GenerateLogic
 from MAISIGenerateLib.parameters import (

@@ -12,7 +12,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
-from maisicore.body import body_from_ct
+from maisicore.anatomy.body import body_from_ct
 from MAISIGenerateLib import mrml
 from MAISIGenerateLib.logic import (
     estimate_seconds,

@@ -175,7 +175,11 @@ def test_requirements_are_pyprojects_without_torch():
     assert lines == sorted(d for d in project if not d.startswith("torch"))
     assert all(">=" in line and "==" not in line for line in lines)
     # torch's lower bound, asked of the PyTorch extension, is pyproject's.
-    from MAISIGenerateLib.dependencies import TORCH_REQUIREMENT, missing_requirements, read_requirements
+    from MAISIGenerateLib.dependencies import (
+        TORCH_REQUIREMENT,
+        missing_requirements,
+        read_requirements,
+    )
 
     assert f"torch{TORCH_REQUIREMENT}" in project
     assert read_requirements(REPO / "MAISICore/maisicore/requirements.txt") == [

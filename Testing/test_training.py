@@ -16,10 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from conftest import run_maisi
-from maisicore.geometry import Volume
-from maisicore.io import read_volume, write_volume
+from maisicore.io.geometry import Volume
+from maisicore.io.volumes import read_volume, write_volume
 from maisicore.training.run import read_metrics
 
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

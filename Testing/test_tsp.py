@@ -8,11 +8,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_maisi
-from maisicore.networks import build_autoencoder
-from maisicore.presets import get_preset
-from maisicore.tsp import decode_exact, decoder_graph, encode_exact, make_plan
+from maisicore.models.networks import build_autoencoder
+from maisicore.models.presets import get_preset
+from maisicore.vae.tsp import decode_exact, decoder_graph, encode_exact, make_plan
 
 TOLERANCE = 1e-4  # on the [0, 1] image scale
 
@@ -115,7 +114,7 @@ def test_nothing_assumes_cuda(tiny_ae, monkeypatch):
     assert decode_exact(tiny_ae, z).shape == (1, 1, 28, 36, 20)
     mu, _ = encode_exact(tiny_ae, torch.rand(1, 1, 16, 16, 16))
     assert mu.shape == (1, 4, 4, 4, 4)
-    from maisicore.decode import decode_latents
+    from maisicore.vae.decode import decode_latents
 
     monkeypatch.undo()  # MONAI's own MAISI decoder (used by the sliding window) asks torch.cuda; it runs on CPU
 
@@ -123,7 +122,7 @@ def test_nothing_assumes_cuda(tiny_ae, monkeypatch):
 
 
 def test_sliding_window_shows_seams_exact_does_not(tiny_ae):
-    from maisicore.decode import decode_latents
+    from maisicore.vae.decode import decode_latents
 
     z = _latent((16, 16, 16), seed=4)
     with torch.no_grad():
@@ -165,7 +164,7 @@ def test_vae_encode_decode_cli_on_real_ct(tiny_weights, real_data, tmp_path):
                        "--device", "cpu", "--out", ct_path)
     assert result.returncode == 0, result.stderr
     assert "exact split decode" in result.stderr
-    from maisicore.io import read_volume
+    from maisicore.io.volumes import read_volume
 
     decoded = read_volume(ct_path)
     assert decoded.shape == (124, 104, 32) and decoded.array.dtype == np.int16
@@ -188,8 +187,8 @@ def test_vae_decode_refuses_a_budget_below_what_the_process_holds(tiny_weights, 
 
 
 def test_generate_decodes_exactly_by_default(tiny_weights):
+    from maisicore.models.weights import load_model
     from maisicore.pipelines.generate import generate, plan_generation
-    from maisicore.weights import load_model
 
     model = load_model(get_preset("rflow-ct", "tiny"), tiny_weights["rflow-ct"])
     plan = plan_generation(model.preset, size=(64, 96, 32), spacing=(4, 4, 4), steps=3, allow_any_size=True)

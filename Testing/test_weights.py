@@ -7,11 +7,15 @@ import pickle
 
 import pytest
 import torch
-
 from conftest import run_maisi
 from maisicore.errors import InputError
-from maisicore.presets import get_preset
-from maisicore.weights import init_weights, load_checkpoint, load_model, save_checkpoint
+from maisicore.models.presets import get_preset
+from maisicore.models.weights import (
+    init_weights,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+)
 
 
 def _assert_same_state(a: torch.nn.Module, b: dict):

@@ -19,7 +19,7 @@ from urllib.parse import unquote
 
 import pytest
 from conftest import run_maisi
-from maisicore.presets import get_preset
+from maisicore.models.presets import get_preset
 
 REPO_PREFIX = "nvidia/NV-Generate-CT/resolve/main"
 MODEL = "rflow-ct"
@@ -195,7 +195,7 @@ def test_full_download_then_verify_path_and_list(server, home, published):
     assert accepted[MODEL]["license"] == "NVIDIA Open Model License"
 
     # `maisi generate --model rflow-ct` resolves this folder (the weights.py view of it).
-    from maisicore.weights import check_weight_files, resolve_model
+    from maisicore.models.weights import check_weight_files, resolve_model
 
     preset, resolved = resolve_model(MODEL, None)
     assert (preset.key, resolved) == ("rflow-ct/official", folder)

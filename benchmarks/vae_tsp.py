@@ -33,9 +33,8 @@ def _worker(args) -> None:
 
     import numpy as np
     import torch
-
-    from maisicore.networks import build_autoencoder
-    from maisicore.presets import get_preset
+    from maisicore.models.networks import build_autoencoder
+    from maisicore.models.presets import get_preset
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -59,7 +58,7 @@ def _worker(args) -> None:
             )
             image = inferer(inputs=latent, network=autoencoder.decode)
         else:
-            from maisicore.tsp import decode_exact
+            from maisicore.vae.tsp import decode_exact
 
             budget = int(args.memory_budget * 2**30) if args.memory_budget else None
             mode = args.method.split("-", 1)[1]

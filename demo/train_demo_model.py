@@ -25,9 +25,8 @@ import time
 from pathlib import Path
 
 import torch
-
+from maisicore.models.weights import load_checkpoint
 from maisicore.training.run import read_metrics
-from maisicore.weights import load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGED = REPO / "MAISICore" / "maisicore" / "data" / "demo"

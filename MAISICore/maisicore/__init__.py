@@ -1,6 +1,6 @@
 """maisicore: NVIDIA's MAISI synthetic CT models (rflow-ct, ddpm-ct) on CPU and GPU.
 
-Python API (arrays indexed (x, y, z), index → RAS affines in mm; see ``maisicore.geometry``)::
+Python API (arrays indexed (x, y, z), index → RAS affines in mm; see ``maisicore.io.geometry``)::
 
     from maisicore import Volume, get_preset, load_model, plan_generation, generate
     model = load_model(get_preset("rflow-ct", "tiny"), "weights/", device="cpu")
@@ -13,12 +13,12 @@ Heavy dependencies (torch, MONAI) are imported by the submodules that need them.
 __version__ = "0.1.0"
 
 _API = {
-    "Volume": "geometry",
+    "Volume": "io.geometry",
     "InputError": "errors",
     "Cancelled": "errors",
-    "get_preset": "presets",
-    "load_model": "weights",
-    "resolve_model": "weights",
+    "get_preset": "models.presets",
+    "load_model": "models.weights",
+    "resolve_model": "models.weights",
     "plan_generation": "pipelines.generate",
     "generate": "pipelines.generate",
 }

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import __version__
 from .errors import Cancelled, InputError
-from .presets import BODY_REGIONS, MODEL_NAMES, WIDTHS
+from .models.presets import BODY_REGIONS, MODEL_NAMES, WIDTHS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -382,7 +382,7 @@ def _say(message: str) -> None:
 def _check_png(path: str | None, option: str) -> Path | None:
     if path is None:
         return None
-    from .io import check_output_folder
+    from .io.volumes import check_output_folder
 
     path = Path(path)
     if not path.name.lower().endswith(".png"):
@@ -400,13 +400,13 @@ def _budget_bytes(gigabytes: float | None) -> int | None:
 
 def _paired_mask(args, preset, rng):
     """Pick and prepare a candidate mask for --anatomy (paired generation)."""
-    from .labels import label_table
-    from .maskdb import load_database, prepare_mask, select_candidates
-    from .presets import DEFAULT_SIZE, DEFAULT_SPACING_MM
+    from .anatomy.labels import label_table
+    from .anatomy.maskdb import load_database, prepare_mask, select_candidates
+    from .models.presets import DEFAULT_SIZE, DEFAULT_SPACING_MM
 
     mask_db, mask_dir = args.mask_db, args.mask_dir
     if not mask_db:  # the reference's download layout under $MAISI_HOME/datasets
-        from .weights import default_weights_root
+        from .models.weights import default_weights_root
 
         datasets = default_weights_root().parent / "datasets"
         mask_db = datasets / "candidate_masks_flexible_size_and_spacing_4000.json"
@@ -437,9 +437,9 @@ def _paired_mask(args, preset, rng):
 def _cmd_generate(args) -> int:
     import numpy as np
 
-    from .io import check_output_path, read_volume
+    from .io.volumes import check_output_path, read_volume
+    from .models.weights import check_weight_files, resolve_model
     from .validation import resolve_device
-    from .weights import check_weight_files, resolve_model
 
     # 1. Check everything the user gave before building any network.
     out = check_output_path(args.out)
@@ -468,7 +468,7 @@ def _cmd_generate(args) -> int:
         mask = _paired_mask(args, preset, rng)
         size = spacing = None
     elif mask is not None and args.fit_grid:
-        from .grids import Grid, generation_grid, labels_on_grid
+        from .anatomy.grids import Grid, generation_grid, labels_on_grid
         from .validation import check_mask_values
 
         check_mask_values(mask.array)
@@ -489,7 +489,7 @@ def _cmd_generate(args) -> int:
     )
 
     # 2. Load and run (regenerating with the next seed while the quality check fails).
-    from .weights import load_model
+    from .models.weights import load_model
 
     model = load_model(preset, weights_dir, device)
     seed = args.seed
@@ -498,7 +498,7 @@ def _cmd_generate(args) -> int:
                       memory_budget_bytes=_budget_bytes(args.memory_budget), log=_say)
         if not args.qc_retries:
             break
-        from .qc import check_ct, format_table
+        from .anatomy.qc import check_ct, format_table
 
         checks = check_ct(ct.array, mask.array)
         if all(c.passed for c in checks):
@@ -512,12 +512,12 @@ def _cmd_generate(args) -> int:
             _say(f"note: quality check still failing after {args.qc_retries} retries; writing the last result")
 
     # 3. Write (temporary file + rename).
-    from .geometry import Volume
-    from .io import write_volume
+    from .io.geometry import Volume
+    from .io.volumes import write_volume
 
     labels_used = Volume(mask.array.astype(np.int16), mask.affine) if mask is not None else None
     if original_grid is not None and args.on_mask_grid:
-        from .grids import image_on_grid, labels_on_grid
+        from .anatomy.grids import image_on_grid, labels_on_grid
 
         ct = image_on_grid(ct, original_grid)
         labels_used = labels_on_grid(labels_used, original_grid)
@@ -527,7 +527,7 @@ def _cmd_generate(args) -> int:
         write_volume(label_out, labels_used)
         written.append(str(label_out))
     if preview is not None:
-        from .preview import write_preview
+        from .io.preview import write_preview
 
         write_preview(preview, ct, labels_used)
         written.append(str(preview))
@@ -539,7 +539,7 @@ def _cmd_generate(args) -> int:
 def _cmd_labels_list(args) -> int:
     import json
 
-    from .labels import label_table
+    from .anatomy.labels import label_table
 
     table = label_table()
     if args.json:
@@ -557,8 +557,17 @@ def _cmd_labels_list(args) -> int:
 
 
 def _cmd_labels_convert(args) -> int:
-    from .io import check_output_folder, check_output_path, read_volume, write_volume
-    from .labelmap import read_named_masks, read_totalsegmentator, with_body_envelope
+    from .anatomy.labelmap import (
+        read_named_masks,
+        read_totalsegmentator,
+        with_body_envelope,
+    )
+    from .io.volumes import (
+        check_output_folder,
+        check_output_path,
+        read_volume,
+        write_volume,
+    )
 
     out = check_output_path(args.out)
     if args.report:
@@ -586,7 +595,7 @@ def _cmd_prepare(args) -> int:
 
     if not args.images or not args.out:
         raise InputError("maisi prepare needs --images DIR and --out DATALIST.json (or the action `latents`)")
-    from .io import check_output_folder
+    from .io.volumes import check_output_folder
 
     check_output_folder(args.out, "--out")
     data = prepare_datalist(args.images, args.labels, args.out, folds=args.folds, modality=args.modality)
@@ -597,7 +606,7 @@ def _cmd_prepare(args) -> int:
 
 
 def _cmd_prepare_latents(args) -> int:
-    from .io import check_output_folder
+    from .io.volumes import check_output_folder
     from .training.latents import prepare_latents
     from .validation import resolve_device
 
@@ -609,7 +618,7 @@ def _cmd_prepare_latents(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from .presets import get_preset
+    from .models.presets import get_preset
     from .training.config import load_config
     from .training.run import train
 
@@ -632,7 +641,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_vae_encode(args) -> int:
-    from .io import check_output_folder, read_volume
+    from .io.volumes import check_output_folder, read_volume
     from .pipelines.vae import (
         LATENT_EXTENSIONS,
         encode_ct,
@@ -655,7 +664,7 @@ def _cmd_vae_encode(args) -> int:
 
 
 def _cmd_vae_decode(args) -> int:
-    from .io import check_output_path, write_volume
+    from .io.volumes import check_output_path, write_volume
     from .pipelines.vae import decode_latent, load_autoencoder, read_latent
     from .validation import resolve_device
 
@@ -673,10 +682,10 @@ def _cmd_vae_decode(args) -> int:
 
 
 def _cmd_inpaint(args) -> int:
-    from .io import check_output_path, read_volume, write_volume
+    from .io.volumes import check_output_path, read_volume, write_volume
+    from .models.weights import check_weight_files, load_model, resolve_model
     from .pipelines.inpaint import ball_tumor, check_host, inpaint, tumor_id
     from .validation import resolve_device
-    from .weights import check_weight_files, load_model, resolve_model
 
     out = check_output_path(args.out)
     label_out = check_output_path(args.label_out, "--label-out") if args.label_out else None
@@ -720,8 +729,8 @@ def _cmd_inpaint(args) -> int:
 def _cmd_qc(args) -> int:
     import json
 
-    from .io import read_volume
-    from .qc import check_ct, format_table
+    from .anatomy.qc import check_ct, format_table
+    from .io.volumes import read_volume
 
     ct = read_volume(args.ct)
     labels = read_volume(args.label)
@@ -730,7 +739,7 @@ def _cmd_qc(args) -> int:
     checks = check_ct(ct.array.astype(np.float32), np.rint(labels.array).astype(np.int32))
     print(format_table(checks))
     if args.json:
-        from .io import atomic_write
+        from .io.volumes import atomic_write
 
         rows = [dict(vars(c), passed=c.passed, checked=c.checked) for c in checks]
         atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=2) + "\n"))
@@ -744,8 +753,8 @@ def _cmd_qc(args) -> int:
 
 
 def _cmd_weights_init(args) -> int:
-    from .presets import get_preset
-    from .weights import init_weights
+    from .models.presets import get_preset
+    from .models.weights import init_weights
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -760,7 +769,7 @@ def _cmd_weights_init(args) -> int:
 def _cmd_weights_list(args) -> int:
     import json
 
-    from .download import OFFICIAL_MODELS, human_bytes, model_status
+    from .models.download import OFFICIAL_MODELS, human_bytes, model_status
 
     rows = [model_status(name) for name in OFFICIAL_MODELS]
     if args.json:
@@ -778,7 +787,7 @@ def _cmd_weights_list(args) -> int:
 
 
 def _cmd_weights_download(args) -> int:
-    from .download import download_model, human_bytes
+    from .models.download import download_model, human_bytes
 
     report = download_model(args.model, accept_license=args.accept_license, base_url=args.base_url,
                             include_datasets=args.include_datasets, show_progress=True, log=_say)
@@ -792,8 +801,8 @@ def _cmd_weights_download(args) -> int:
 
 
 def _cmd_weights_verify(args) -> int:
-    from .download import OFFICIAL_MODELS, model_dir, verify_model
-    from .weights import default_weights_root
+    from .models.download import OFFICIAL_MODELS, model_dir, verify_model
+    from .models.weights import default_weights_root
 
     models = [args.model] if args.model else [name for name in OFFICIAL_MODELS if model_dir(name).is_dir()]
     if not models:
@@ -821,14 +830,14 @@ def _cmd_weights_verify(args) -> int:
 
 
 def _cmd_weights_path(args) -> int:
-    from .download import model_dir
+    from .models.download import model_dir
 
     print(model_dir(args.model))
     return 0
 
 
 def _cmd_weights_remove(args) -> int:
-    from .download import model_dir, remove_model
+    from .models.download import model_dir, remove_model
 
     folder = model_dir(args.model)
     if not folder.exists():

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .anatomy.labels import unknown_label_ids
 from .errors import InputError
-from .labels import unknown_label_ids
-from .presets import BODY_REGIONS, ModelPreset, OutputGridRules
+from .models.presets import BODY_REGIONS, ModelPreset, OutputGridRules
 
 
 def _fmt(values) -> str:

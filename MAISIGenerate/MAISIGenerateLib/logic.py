@@ -54,7 +54,7 @@ class SegmentMatch:
 class LabelBuild:
     """The label volume built from a segmentation, with how each segment was matched.
 
-    labels: ``maisicore.geometry.Volume``, int16 MAISI ids, array (x, y, z), affine index -> RAS.
+    labels: ``maisicore.io.geometry.Volume``, int16 MAISI ids, array (x, y, z), affine index -> RAS.
     grid_node: the volume node whose grid the labels are on (the reference volume), or None.
     """
 
@@ -80,7 +80,7 @@ class LabelBuild:
 def resolve_label(value) -> tuple[int | None, str | None]:
     """A MAISI label from an override value: an id (int or digits), a name/synonym or a terminology
     string. 0, '' or None mean "skip". Raises ValueError for anything unknown."""
-    from maisicore.labels import label_table
+    from maisicore.anatomy.labels import label_table
 
     table = label_table()
     if value is None or (isinstance(value, str) and not value.strip()) or value == 0:
@@ -104,7 +104,7 @@ def match_segments(segmentation_node, overrides: dict | None = None) -> list[Seg
     names, synonyms such as "kidney left", TotalSegmentator class names), then the segment's
     terminology entry (SNOMED codes as Slicer writes them). Nothing is dropped silently: segments
     that match nothing are returned with ``matched_by == "unresolved"``."""
-    from maisicore.labels import label_table
+    from maisicore.anatomy.labels import label_table
 
     table = label_table()
     overrides = dict(overrides or {})
@@ -137,10 +137,10 @@ def labels_from_segmentation(
     IJKToRAS and shape) or, without one, on the segmentation's reference geometry.
 
     Overlapping segments resolve tumours over organs over body, the smaller over the larger
-    (``maisicore.labelmap.labels_from_masks``). With ``add_body`` the body envelope (label 200) fills
+    (``maisicore.anatomy.labelmap.labels_from_masks``). With ``add_body`` the body envelope (label 200) fills
     the body around the labels: from the reference CT (HU > -500) when given, else from the labels."""
-    from maisicore.geometry import Volume
-    from maisicore.labelmap import labels_from_masks, with_body_envelope
+    from maisicore.anatomy.labelmap import labels_from_masks, with_body_envelope
+    from maisicore.io.geometry import Volume
 
     matches = match_segments(segmentation_node, overrides)
     used = [m for m in matches if m.label_id is not None]
@@ -166,7 +166,7 @@ def labels_from_segmentation(
 def mask_grid(segmentation_node, reference_volume=None):
     """An empty ``Volume`` (uint8 zeros, (x, y, z)) on the grid the segmentation's labels would take:
     the reference volume's, else the segmentation's reference geometry."""
-    from maisicore.geometry import Volume
+    from maisicore.io.geometry import Volume
 
     if reference_volume is None:
         grid = mrml.segmentation_grid(segmentation_node)
@@ -188,9 +188,9 @@ def inpaint_region_size(volume_node, diameter_mm: float) -> tuple[int, int, int]
 
 def suggest_grid(labels, model: str = "rflow-ct") -> tuple[tuple[int, int, int], tuple[float, float, float]]:
     """The published output grid closest to the labels' field of view: (size (x, y, z) voxels,
-    spacing (x, y, z) mm), axes along the labels' closest RAS axes (``maisicore.grids``)."""
-    from maisicore.grids import closest_valid_grid
-    from maisicore.presets import get_preset
+    spacing (x, y, z) mm), axes along the labels' closest RAS axes (``maisicore.anatomy.grids``)."""
+    from maisicore.anatomy.grids import closest_valid_grid
+    from maisicore.models.presets import get_preset
 
     preset = get_preset(model if model in ("rflow-ct", "ddpm-ct") else "rflow-ct")
     grid = closest_valid_grid(labels, preset.grid)
@@ -377,7 +377,7 @@ class GenerateLogic:
         return job.finish()
 
     def _start_from_segmentation(self, source: FromSegmentation, options: RunOptions, workdir: Path) -> GenerationJob:
-        from maisicore.io import write_volume
+        from maisicore.io.volumes import write_volume
 
         if source.segmentation is None:
             raise ValueError("choose a segmentation")
@@ -410,7 +410,7 @@ class GenerateLogic:
                 "--spacing", *map(float, source.spacing), "--out", ct_file]
         anatomy = [a.strip() for a in source.anatomy if a.strip()]
         if anatomy:
-            from maisicore.labels import label_table
+            from maisicore.anatomy.labels import label_table
 
             unknown = [a for a in anatomy if label_table().by_segment_name(a) is None]
             if unknown:
@@ -430,8 +430,8 @@ class GenerateLogic:
         return GenerationJob(self.command(*args), workdir, make_result)
 
     def _start_inpaint(self, source: InpaintTumor, options: RunOptions, workdir: Path) -> GenerationJob:
-        from maisicore.geometry import Volume
-        from maisicore.io import write_volume
+        from maisicore.io.geometry import Volume
+        from maisicore.io.volumes import write_volume
 
         if source.volume is None:
             raise ValueError("choose the CT volume to inpaint")
@@ -468,7 +468,7 @@ class GenerateLogic:
     def _read_outputs(ct_file: Path, labels_file: Path | None, name: str, reference) -> GenerationResult:
         """New nodes from the worker's files: the CT (on ``reference``'s exact IJKToRAS when given)
         and, when written, the label segmentation."""
-        from maisicore.io import read_volume
+        from maisicore.io.volumes import read_volume
 
         ct = read_volume(ct_file)
         volume_node = mrml.add_volume_node(ct, _unique_name(name), like=reference)

@@ -1,5 +1,5 @@
 """MRML nodes <-> maisicore volumes: the one place that converts between Slicer's volume nodes and
-``maisicore.geometry.Volume``.
+``maisicore.io.geometry.Volume``.
 
 Slicer arrays (``slicer.util.arrayFromVolume``) are indexed (k, j, i) = (z, y, x); maisicore arrays
 are (x, y, z). Both use the node's IJKToRAS matrix (index -> RAS, mm) as the affine, so the
@@ -27,9 +27,9 @@ def ijk_to_ras(volume_node) -> np.ndarray:
 
 
 def volume_from_node(volume_node):
-    """A ``maisicore.geometry.Volume`` copy of a scalar/labelmap volume node: array (x, y, z),
+    """A ``maisicore.io.geometry.Volume`` copy of a scalar/labelmap volume node: array (x, y, z),
     affine = the node's IJKToRAS."""
-    from maisicore.geometry import Volume, kji_to_ijk
+    from maisicore.io.geometry import Volume, kji_to_ijk
 
     array = slicer.util.arrayFromVolume(volume_node)
     return Volume(np.ascontiguousarray(kji_to_ijk(array)), ijk_to_ras(volume_node))
@@ -40,7 +40,7 @@ def add_volume_node(volume, name: str, class_name: str = "vtkMRMLScalarVolumeNod
 
     ``like``: a node whose IJKToRAS is copied verbatim when it describes the same grid (so the
     result's geometry equals the reference bit for bit) and whose parent transform is reused."""
-    from maisicore.geometry import ijk_to_kji
+    from maisicore.io.geometry import ijk_to_kji
 
     affine = np.asarray(volume.affine, dtype=np.float64)
     if like is not None:
@@ -154,7 +154,7 @@ def segment_masks(segmentation_node, ids: list[str], reference_volume=None):
     """Binary masks of the segments ``ids`` on one grid: the reference volume's when given, else the
     segmentation's reference geometry. Returns ({segment id: bool array (x, y, z)}, affine index -> RAS).
     Leaves the scene as it was."""
-    from maisicore.geometry import kji_to_ijk
+    from maisicore.io.geometry import kji_to_ijk
 
     logic = slicer.modules.segmentations.logic()
     with temporary_nodes():
@@ -183,7 +183,7 @@ def add_label_segmentation(labels, name: str, reference_node=None):
 
     ``reference_node``: volume whose grid the labels are on; its IJKToRAS is used and it becomes the
     segmentation's reference geometry."""
-    from maisicore.labels import label_table
+    from maisicore.anatomy.labels import label_table
 
     table = label_table()
     present = [int(v) for v in np.unique(labels.array) if int(v) != 0]

@@ -132,7 +132,7 @@ def weighted_label_ids(values) -> list[int]:
         if text.isdigit():
             ids.append(int(text))
             continue
-        from maisicore.labels import label_table
+        from maisicore.anatomy.labels import label_table
 
         info = label_table().resolve(text)
         if info is None:

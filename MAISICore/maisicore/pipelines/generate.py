@@ -7,7 +7,7 @@ Stages (as the reference does them):
    region one-hots ×100) → scheduler step. Without a mask the UNet runs alone.
 4. Decode latents / scale_factor → [0, 1] → HU; voxels where the mask is background → −1000; int16.
 
-Arrays in and out are indexed (x, y, z) with index → RAS affines (``maisicore.geometry``). A mask
+Arrays in and out are indexed (x, y, z) with index → RAS affines (``maisicore.io.geometry``). A mask
 in any orientation is permuted/flipped to the closest RAS order for the model and the result is
 put back, so the output has the mask's array shape and exact affine.
 """
@@ -20,15 +20,33 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..decode import autocast_for, decode_latents, unit_to_hu
+from ..anatomy.labels import (
+    BACKGROUND,
+    binarize_labels,
+    body_region_from_mask,
+    region_one_hot,
+)
+from ..diffusion.sampling import sample
+from ..diffusion.schedulers import Schedule
 from ..errors import Cancelled, InputError
-from ..geometry import Reorientation, Volume, centered_affine, to_closest_ras, undo_reorientation
-from ..labels import BACKGROUND, binarize_labels, body_region_from_mask, region_one_hot
-from ..presets import BODY_REGIONS, CT_MODALITY, DEFAULT_BODY_REGION, DEFAULT_SIZE, DEFAULT_SPACING_MM, ModelPreset
-from ..sampling import sample
-from ..schedulers import Schedule
+from ..io.geometry import (
+    Reorientation,
+    Volume,
+    centered_affine,
+    to_closest_ras,
+    undo_reorientation,
+)
+from ..models.presets import (
+    BODY_REGIONS,
+    CT_MODALITY,
+    DEFAULT_BODY_REGION,
+    DEFAULT_SIZE,
+    DEFAULT_SPACING_MM,
+    ModelPreset,
+)
+from ..models.weights import LoadedModel
+from ..vae.decode import autocast_for, decode_latents, unit_to_hu
 from ..validation import check_body_regions, check_grid, check_mask_values, check_steps
-from ..weights import LoadedModel
 
 HU_BACKGROUND = -1000
 

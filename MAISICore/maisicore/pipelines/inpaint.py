@@ -23,13 +23,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..decode import autocast_for, decode_latents, hu_to_unit, unit_to_hu
+from ..anatomy.labels import label_table
+from ..diffusion.sampling import sample
+from ..diffusion.schedulers import Schedule
 from ..errors import Cancelled, InputError
-from ..geometry import Volume, to_closest_ras, undo_reorientation
-from ..labels import label_table
-from ..sampling import sample
-from ..schedulers import Schedule
-from ..weights import LoadedModel
+from ..io.geometry import Volume, to_closest_ras, undo_reorientation
+from ..models.weights import LoadedModel
+from ..vae.decode import autocast_for, decode_latents, hu_to_unit, unit_to_hu
 from .generate import GenerationPlan, initial_noise, make_denoise_fn
 
 CONTEXT_MM = 24.0  # context kept around the tumour on each side
@@ -49,7 +49,7 @@ TUMOR_HOSTS = {  # tumour type (MAISI name) → its host organ group
 
 def tumor_host_ids() -> dict[str, tuple[int, ...]]:
     """Tumour type (MAISI name) → host organ label ids (organ groups of the quality check)."""
-    from ..qc import organ_groups
+    from ..anatomy.qc import organ_groups
 
     groups = dict(organ_groups(), colon=(label_table().by_name("colon").id,))
     return {tumor: groups[host] for tumor, host in TUMOR_HOSTS.items()}
@@ -153,7 +153,7 @@ def inpaint(
     """
     from scipy import ndimage
 
-    from ..body import body_from_ct
+    from ..anatomy.body import body_from_ct
 
     notes: list[str] = []
     label_id = tumor_id(tumor_type)
@@ -183,7 +183,7 @@ def inpaint(
     edit = ndimage.binary_dilation(roi_tumor, iterations=FEATHER_VOXELS)
 
     # 3. Encode, then denoise with the known latent put back outside the tumour region.
-    from ..tsp import encode_exact
+    from ..vae.tsp import encode_exact
 
     device = model.device
     image01 = torch.from_numpy(hu_to_unit(roi_ct.astype(np.float32)).astype(np.float32))[None, None]
@@ -253,7 +253,7 @@ def inpaint(
 def _region(model: LoadedModel, labels: np.ndarray):
     if not model.preset.uses_body_region:
         return None
-    from ..labels import body_region_from_mask
+    from ..anatomy.labels import body_region_from_mask
 
     return body_region_from_mask(labels) or ("abdomen", "abdomen")
 

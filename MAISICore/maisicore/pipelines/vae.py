@@ -16,13 +16,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..decode import decode_latents, hu_to_unit, unit_to_hu
 from ..errors import InputError
-from ..geometry import Volume, to_closest_ras
-from ..io import atomic_write
-from ..networks import build_autoencoder
-from ..presets import WIDTHS, get_preset
-from ..weights import state_dict_from, load_checkpoint, load_state
+from ..io.geometry import Volume, to_closest_ras
+from ..io.volumes import atomic_write
+from ..models.networks import build_autoencoder
+from ..models.presets import WIDTHS, get_preset
+from ..models.weights import load_checkpoint, load_state, state_dict_from
+from ..vae.decode import decode_latents, hu_to_unit, unit_to_hu
 
 DOWNSAMPLE = 4
 LATENT_EXTENSIONS = (".nii.gz", ".nii")
@@ -77,7 +77,7 @@ def encode_ct(
 
     Returns (latent mean [X/4, Y/4, Z/4, 4] float32, its affine, sidecar dict).
     """
-    from ..tsp import encode_exact
+    from ..vae.tsp import encode_exact
 
     ras, _ = to_closest_ras(ct)
     image = hu_to_unit(ras.array.astype(np.float32))

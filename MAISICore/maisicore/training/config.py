@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from ..errors import InputError
-from ..io import read_json
+from ..io.volumes import read_json
 
 STAGES = ("vae", "diffusion", "controlnet")
 SECTION = {"vae": "autoencoder_train", "diffusion": "diffusion_unet_train", "controlnet": "controlnet_train"}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..decode import hu_to_unit
+from ..vae.decode import hu_to_unit
 from .datalist import Case
 
 
@@ -67,8 +67,8 @@ class VolumeCache:
 
 def load_image_unit(path) -> np.ndarray:
     """A CT in closest-RAS order on MAISI's [0, 1] intensity scale (HU clipped to ±1000), float32 (x, y, z)."""
-    from ..geometry import to_closest_ras
-    from ..io import read_volume
+    from ..io.geometry import to_closest_ras
+    from ..io.volumes import read_volume
 
     volume, _ = to_closest_ras(read_volume(path))
     return hu_to_unit(volume.array.astype(np.float32)).astype(np.float32)
@@ -83,7 +83,7 @@ def load_latent(path) -> np.ndarray:
 
 
 def load_labels(path) -> np.ndarray:
-    from ..io import read_volume
+    from ..io.volumes import read_volume
 
     return np.asarray(read_volume(path).array).astype(np.int64)
 

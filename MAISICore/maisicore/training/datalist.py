@@ -23,15 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ..anatomy.labels import body_region_from_mask
 from ..errors import InputError
-from ..io import (
+from ..io.volumes import (
     VOLUME_EXTENSIONS,
     atomic_write,
     read_json,
     read_volume,
     volume_extension,
 )
-from ..labels import body_region_from_mask
 
 FORMAT = "maisi-datalist"
 VERSION = 1
@@ -84,7 +84,7 @@ def prepare_datalist(
     region (from its labels) and fold (round robin over sorted names). Unreadable files and images
     whose labels are on another grid are reported under ``problems`` and skipped, never fatal.
     """
-    from ..geometry import to_closest_ras
+    from ..io.geometry import to_closest_ras
 
     images_dir, out = Path(images_dir), Path(out)
     if not images_dir.is_dir():

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..geometry import Volume, to_closest_ras
-from ..io import read_volume, write_volume
+from ..io.geometry import Volume, to_closest_ras
+from ..io.volumes import read_volume, write_volume
 from .datalist import read_datalist, write_datalist
 
 
@@ -48,8 +48,8 @@ def resize(array: np.ndarray, shape, mode: str) -> np.ndarray:
 
 def autoencoder_path(weights: str | os.PathLike) -> Path:
     """``--weights``: an autoencoder checkpoint, or a weight folder holding one."""
-    from ..presets import get_preset
-    from ..weights import weight_file
+    from ..models.presets import get_preset
+    from ..models.weights import weight_file
 
     path = Path(weights)
     if path.is_dir():

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from ..io import atomic_write
-from ..presets import ModelPreset
-from ..weights import (
+from ..io.volumes import atomic_write
+from ..models.presets import ModelPreset
+from ..models.weights import (
     MODEL_CARD,
     MODELS_SUBDIR,
     init_weights,

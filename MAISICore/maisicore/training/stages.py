@@ -19,16 +19,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..anatomy.labels import binarize_labels, region_one_hot
 from ..errors import InputError
-from ..labels import binarize_labels, region_one_hot
-from ..networks import (
+from ..models.networks import (
     build_autoencoder,
     build_controlnet,
     build_diffusion_unet,
     build_scheduler,
 )
-from ..presets import CT_MODALITY, ModelPreset, discriminator_kwargs
-from ..weights import (
+from ..models.presets import CT_MODALITY, ModelPreset, discriminator_kwargs
+from ..models.weights import (
     load_checkpoint,
     load_state,
     start_controlnet_from_unet,

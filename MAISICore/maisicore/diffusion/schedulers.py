@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .networks import build_scheduler
-from .presets import ModelPreset
+from ..models.networks import build_scheduler
+from ..models.presets import ModelPreset
 
 
 @dataclass(frozen=True)

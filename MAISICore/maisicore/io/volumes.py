@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 from .geometry import Volume, lps_to_ras, ras_to_lps
 
 VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
-from .io import atomic_write
+from ..errors import InputError
+from ..io.volumes import atomic_write
 from .networks import build_autoencoder, build_controlnet, build_diffusion_unet
 from .presets import MODEL_NAMES, WIDTHS, ModelPreset, get_preset
 
@@ -63,7 +63,7 @@ DEMO_MODEL = "demo"
 
 def demo_weights_dir() -> Path:
     """The bundled demo model (tiny rflow-ct trained on one real CT, ``data/demo/MODEL_CARD.md``)."""
-    return Path(__file__).resolve().parent / "data" / "demo"
+    return Path(__file__).resolve().parent.parent / "data" / "demo"
 
 
 def resolve_model(model: str, weights_dir: str | os.PathLike | None) -> tuple[ModelPreset, Path]:

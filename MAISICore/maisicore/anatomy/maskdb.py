@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
-from .geometry import Volume
+from ..errors import InputError
+from ..io.geometry import Volume
+from ..io.volumes import read_volume
+from ..models.presets import BODY_REGIONS
 from .grids import grid_around, labels_on_grid
-from .io import read_volume
 from .labels import label_table
-from .presets import BODY_REGIONS
 
 MIN_TUMOR_SIZE_RATIO = 0.8
 UPSAMPLE_LIMIT_VOXELS = 128  # a candidate this much smaller than the output is not upsampled
@@ -42,7 +42,7 @@ class Candidate:
 
 def load_database(json_path: str | os.PathLike, mask_dir: str | os.PathLike | None = None) -> list[Candidate]:
     """Read the candidate JSON; mask files are looked up in ``mask_dir`` (default: the JSON's folder)."""
-    from .io import read_json
+    from ..io.volumes import read_json
 
     json_path = Path(json_path)
     entries = read_json(json_path, "--mask-db")

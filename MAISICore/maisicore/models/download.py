@@ -1,7 +1,7 @@
 """NVIDIA's official MAISI weights: where they are published, their licence, and a safe download.
 
 What lives here:
-- ``OFFICIAL_MODELS``: per model, the three checkpoints (names from ``maisicore.presets``) in the
+- ``OFFICIAL_MODELS``: per model, the three checkpoints (names from ``maisicore.models.presets``) in the
   Hugging Face repo ``nvidia/NV-Generate-CT`` (revision ``main``), approximate sizes, the licence,
   and the optional candidate-mask database (``--include-datasets``).
 - Licence acceptance, remembered per model in ``$MAISI_HOME/licenses_accepted.json``.
@@ -10,10 +10,10 @@ What lives here:
   ``hashes.json`` at the first download (the publisher gives none) and checked on later ones.
 - ``verify_model``, ``model_status``, ``remove_model`` for ``maisi weights verify | list | remove``.
 
-What is NOT here: reading checkpoints (``maisicore.weights``), argparse (``maisicore.cli``).
+What is NOT here: reading checkpoints (``maisicore.models.weights``), argparse (``maisicore.cli``).
 
 Layout: ``$MAISI_HOME/weights/MODEL/models/NAME.pt`` plus ``maisi_model.json`` (the card
-``maisicore.weights`` reads) and ``hashes.json``; datasets in ``$MAISI_HOME/datasets/``, where
+``maisicore.models.weights`` reads) and ``hashes.json``; datasets in ``$MAISI_HOME/datasets/``, where
 ``maisi generate --anatomy`` looks by default. HTTP is the standard library's ``urllib`` (which
 honours ``https_proxy``/``no_proxy``); ``--base-url`` or ``MAISI_WEIGHTS_BASE_URL`` names a mirror
 that serves ``{base}/{repo}/resolve/{revision}/{path}`` like Hugging Face.
@@ -37,9 +37,9 @@ from datetime import datetime, timezone
 from http.client import HTTPException
 from pathlib import Path, PurePosixPath
 
-from . import __version__
-from .errors import InputError
-from .io import atomic_write
+from .. import __version__
+from ..errors import InputError
+from ..io.volumes import atomic_write
 from .presets import MODEL_NAMES, get_preset
 from .weights import MODEL_CARD, MODELS_SUBDIR, default_weights_root
 

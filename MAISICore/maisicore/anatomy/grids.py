@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .geometry import Volume, to_closest_ras
-from .presets import GRID_RULES, OutputGridRules
+from ..io.geometry import Volume, to_closest_ras
+from ..models.presets import GRID_RULES, OutputGridRules
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def generation_grid(labels: Volume, size=None, spacing=None, rules: OutputGridRu
     """Where to generate for a mask: ``size`` voxels at ``spacing`` mm around its labelled region
     when both are given, else the closest valid grid."""
     if (size is None) != (spacing is None):
-        from .errors import InputError
+        from ..errors import InputError
 
         raise InputError("to fit a mask onto another grid give both --size and --spacing, or neither")
     if size is not None:

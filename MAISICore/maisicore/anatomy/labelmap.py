@@ -20,10 +20,10 @@ from typing import Mapping
 
 import numpy as np
 
+from ..errors import InputError
+from ..io.geometry import Volume
+from ..io.volumes import VOLUME_EXTENSIONS, read_volume, volume_extension
 from .body import add_body_envelope
-from .errors import InputError
-from .geometry import Volume
-from .io import VOLUME_EXTENSIONS, read_volume, volume_extension
 from .labels import LabelInfo, label_table
 
 BODY_NAME = "body"
@@ -58,7 +58,7 @@ class ConversionReport:
         return text
 
     def write_json(self, path: str | os.PathLike) -> None:
-        from .io import atomic_write
+        from ..io.volumes import atomic_write
 
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(self.to_dict(), indent=2) + "\n"))
 

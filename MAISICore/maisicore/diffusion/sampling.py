@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from .errors import Cancelled
+from ..errors import Cancelled
 from .schedulers import Schedule, Step
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

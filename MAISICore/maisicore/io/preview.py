@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from .geometry import Volume, to_closest_ras
-from .io import atomic_write
+from .volumes import atomic_write
 
 WINDOW_HU = (-1000.0, 1000.0)
 PANEL_PX = 256  # longest side of each panel
@@ -15,7 +15,7 @@ PANEL_PX = 256  # longest side of each panel
 
 def _label_colour(label_id: int) -> tuple[int, int, int]:
     """The label table's display colour; a stable hue for ids outside the table."""
-    from .labels import label_table
+    from ..anatomy.labels import label_table
 
     try:
         return label_table().by_id(label_id).color

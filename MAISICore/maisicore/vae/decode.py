@@ -3,7 +3,7 @@
 ``decode_latents`` returns the VAE output on the [0, 1] intensity scale (CT: clip(HU, −1000, 1000)
 mapped linearly). Methods:
 
-- ``exact`` (default): our tensor-splitting engine (``maisicore.tsp``), equal to the unsplit decode,
+- ``exact`` (default): our tensor-splitting engine (``maisicore.vae.tsp``), equal to the unsplit decode,
   in memory bounded by ``memory_budget_bytes`` (default: what the device has free).
 - ``sliding-window``: the reference's fallback, MONAI's ``SlidingWindowInferer`` over latent
   windows with Gaussian blending; each window has its own GroupNorm statistics, hence seams.
@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 DECODERS = ("exact", "sliding-window", "plain")
 SLIDING_WINDOW = (48, 48, 48)  # latent voxels (reference config_infer.json)

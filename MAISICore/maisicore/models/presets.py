@@ -8,11 +8,11 @@ What lives here:
   architecture, fewer channels) for tests and small demos.
 - ``OutputGridRules``: the sizes, spacings and field of view the reference accepts.
 
-What is NOT here: building the networks (``maisicore.networks``), reading checkpoints
-(``maisicore.weights``), checking a request against the rules (``maisicore.validation``).
+What is NOT here: building the networks (``maisicore.models.networks``), reading checkpoints
+(``maisicore.models.weights``), checking a request against the rules (``maisicore.validation``).
 
 Settings that change no parameter (MONAI's ``num_splits`` tensor splitting, ``norm_float16``,
-flash attention, activation checkpointing) are recorded as published; ``maisicore.networks``
+flash attention, activation checkpointing) are recorded as published; ``maisicore.models.networks``
 adapts them to the device at build time.
 """
 

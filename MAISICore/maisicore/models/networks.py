@@ -30,7 +30,9 @@ def _network_kwargs(kwargs: dict[str, Any], device: torch.device) -> dict[str, A
 
 def build_autoencoder(preset: ModelPreset, device: torch.device | str = "cpu") -> torch.nn.Module:
     """MONAI ``AutoencoderKlMaisi`` with the preset's hyper-parameters, on ``device``, eval mode."""
-    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import (
+        AutoencoderKlMaisi,
+    )
 
     device = torch.device(device)
     kwargs = _network_kwargs(preset.autoencoder, device)
@@ -42,7 +44,9 @@ def build_autoencoder(preset: ModelPreset, device: torch.device | str = "cpu") -
 
 def build_diffusion_unet(preset: ModelPreset, device: torch.device | str = "cpu") -> torch.nn.Module:
     """MONAI ``DiffusionModelUNetMaisi`` with the preset's hyper-parameters, on ``device``, eval mode."""
-    from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
+    from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import (
+        DiffusionModelUNetMaisi,
+    )
 
     device = torch.device(device)
     return DiffusionModelUNetMaisi(**_network_kwargs(preset.diffusion_unet, device)).to(device).eval()

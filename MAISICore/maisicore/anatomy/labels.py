@@ -17,7 +17,7 @@ from importlib import resources
 import numpy as np
 import torch
 
-from .presets import BODY_REGIONS
+from ..models.presets import BODY_REGIONS
 
 BACKGROUND = 0
 

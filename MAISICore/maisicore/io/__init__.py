@@ -1,0 +1,1 @@
+"""Files and geometry: volumes (NIfTI/NRRD) with index→RAS affines, reorientation, previews."""
