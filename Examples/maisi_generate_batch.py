@@ -27,8 +27,8 @@ IN_SLICER = hasattr(slicer, "app")
 if not IN_SLICER:  # plain Python: the module's Qt-free library from this repository
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "MAISIGenerate"))
 
-from MAISIGenerateLib.logic import GenerateLogic
-from MAISIGenerateLib.parameters import FromSegmentation, RunOptions
+from MAISIGenerateLib.logic import GenerateLogic  # noqa: E402  (after the sys.path line above)
+from MAISIGenerateLib.parameters import FromSegmentation, RunOptions  # noqa: E402
 
 
 def load(path: str, class_name: str):

@@ -7,8 +7,8 @@ kills it. Results are new nodes: the CT (named with model and seed, on the input
 segmentation of the labels used (MAISI names, colours and terminology).
 
 This file holds the module, its widget (the only Qt code), a thin ScriptedLoadableModuleLogic
-around ``MAISIGenerateLib.logic.GenerateLogic`` and the self-test. torch, MONAI and maisicore are
-never imported at file scope.
+around ``MAISIGenerateLib.logic.GenerateLogic`` and the self-test. torch and MONAI are never
+imported at file scope; maisicore only through ``MAISIGenerateLib``, its torch-free modules.
 """
 
 import json
@@ -22,7 +22,10 @@ from MAISIGenerateLib import dependencies
 from MAISIGenerateLib.logic import GenerateLogic, format_duration
 from MAISIGenerateLib.parameters import (
     BODY_REGIONS,
+    DEFAULT_SIZE,
+    DEFAULT_SPACING_MM,
     DEVICES,
+    MODELS,
     MODES,
     TUMOR_TYPES,
     FromSegmentation,
@@ -86,7 +89,7 @@ class MAISIGenerateParameterNode:
     """Module state. Nodes are inputs only: results are always new nodes."""
 
     mode: Annotated[str, Choice(list(MODES))] = "segmentation"
-    model: Annotated[str, Choice(["rflow-ct", "ddpm-ct", "demo"])] = "rflow-ct"
+    model: Annotated[str, Choice(list(MODELS))] = "rflow-ct"
     # From segmentation
     inputSegmentation: vtkMRMLSegmentationNode
     referenceVolume: vtkMRMLScalarVolumeNode
@@ -97,10 +100,10 @@ class MAISIGenerateParameterNode:
     anatomy: str = ""
     bodyRegionTop: Annotated[str, Choice(["auto", *BODY_REGIONS])] = "auto"
     bodyRegionBottom: Annotated[str, Choice(["auto", *BODY_REGIONS])] = "auto"
-    sizeXY: Annotated[int, WithinRange(32, 512)] = 256
-    sizeZ: Annotated[int, WithinRange(32, 768)] = 256
-    spacingXY: Annotated[float, WithinRange(0.1, 10.0)] = 1.5
-    spacingZ: Annotated[float, WithinRange(0.1, 10.0)] = 2.0
+    sizeXY: Annotated[int, WithinRange(32, 512)] = DEFAULT_SIZE[0]
+    sizeZ: Annotated[int, WithinRange(32, 768)] = DEFAULT_SIZE[2]
+    spacingXY: Annotated[float, WithinRange(0.1, 10.0)] = DEFAULT_SPACING_MM[0]
+    spacingZ: Annotated[float, WithinRange(0.1, 10.0)] = DEFAULT_SPACING_MM[2]
     # Inpaint tumour
     inpaintVolume: vtkMRMLScalarVolumeNode
     tumorType: Annotated[str, Choice(list(TUMOR_TYPES))] = "hepatic tumor"
@@ -406,10 +409,7 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if node is None:
             self.ui.segmentStatusLabel.text = ""
             return
-        if not dependencies.torch_installed():
-            self.ui.segmentStatusLabel.text = _("Install the dependencies to match segments to MAISI labels.")
-            return
-        from maisicore.anatomy.labels import label_table
+        from maisicore.anatomy.labels import label_table  # torch-free, as is matching
 
         names = [NOT_USED] + [info.name for info in label_table()]
         matches = self.logic.match_segments(node, self._overrides())
@@ -446,7 +446,7 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p.mode == "random":
             return (p.sizeXY, p.sizeXY, p.sizeZ)
-        if p.mode == "segmentation" and p.inputSegmentation is not None and dependencies.torch_installed():
+        if p.mode == "segmentation" and p.inputSegmentation is not None:
             grid = self._maskGrid
             if grid is not None:
                 return grid["suggested"][0] if p.fitGrid else grid["shape"]
@@ -459,7 +459,7 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._maskGrid = None
         self.ui.suggestedGridLabel.text = ""
         p = self._parameterNode
-        if p is None or p.inputSegmentation is None or not dependencies.torch_installed():
+        if p is None or p.inputSegmentation is None:
             return
         try:
             grid = self.logic.mask_grid(p.inputSegmentation, p.referenceVolume)
@@ -573,12 +573,15 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self.showResult(result)
                 self.resetApply()
         if self._download is not None:
-            for line in self._download.read_lines():
+            for line in self._download.poll():
                 self.appendLog(line)
-            if self._download.finished_reading():
-                code = self._download.wait()
-                self._download = None
-                self.appendLog(_("Download finished.") if code == 0 else _("Download failed (exit code {code}).").format(code=code))
+            if self._download.done:
+                download, self._download = self._download, None
+                try:
+                    download.finish()
+                    self.appendLog(_("Download finished."))
+                except RuntimeError as exc:
+                    self.appendLog(_("Download failed: {error}").format(error=exc))
                 self.updateWeightsStatus()
         if self._job is None and self._download is None:
             self._timer.stop()
@@ -617,8 +620,8 @@ class MAISIGenerateLogic(ScriptedLoadableModuleLogic, GenerateLogic):
 
 
 class MAISIGenerateTest(ScriptedLoadableModuleTest):
-    """Self-test inside Slicer: a tiny random model generates a CT from a painted sphere segmentation
-    on an oblique, flipped grid; the result must lie on that grid and carry MAISI labels."""
+    """Self-test inside Slicer: the bundled demo model generates a CT from a painted sphere
+    segmentation on an oblique, flipped grid; the result must lie on that grid and carry MAISI labels."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -628,56 +631,41 @@ class MAISIGenerateTest(ScriptedLoadableModuleTest):
         self.test_GenerateFromPaintedSphere()
 
     def test_GenerateFromPaintedSphere(self):
-        import shutil
-        import subprocess
-        import tempfile
-
         import numpy as np
         from MAISIGenerateLib import mrml
-        from MAISIGenerateLib.process import worker_environment
 
-        self.delayDisplay("Making tiny random weights (maisi weights init)")
         if not dependencies.torch_installed() or dependencies.missing_requirements():
             self.skipTest("torch, MONAI and the other MAISI requirements are not installed")
         logic = MAISIGenerateLogic()
-        weights = tempfile.mkdtemp(prefix="maisi-selftest-")
-        try:
-            init = subprocess.run(
-                logic.command("weights", "init", "--preset", "rflow-ct", "--width", "tiny", "--out", weights, "--nonzero-init"),
-                capture_output=True, text=True, env=worker_environment(), check=False)
-            self.assertEqual(init.returncode, 0, init.stderr)
+        self.delayDisplay("Painting a sphere on an oblique, flipped 32³ grid")
+        angle = np.deg2rad(20.0)
+        rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+        ijkToRas = np.eye(4)
+        ijkToRas[:3, :3] = rotation @ np.diag([-4.0, 4.0, 4.0])
+        ijkToRas[:3, 3] = [60.0, -40.0, 10.0]
+        k, j, i = np.mgrid[:32, :32, :32]
+        ct = np.where(((i - 16) / 14.0) ** 2 + ((j - 16) / 12.0) ** 2 < 1, 40, -1000).astype(np.int16)
+        reference = slicer.util.addVolumeFromArray(ct, ijkToRas, "Reference CT")
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Painted sphere")
+        segmentation.CreateDefaultDisplayNodes()
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+        segmentId = segmentation.GetSegmentation().AddEmptySegment("", "Liver")
+        sphere = ((i - 14) ** 2 + (j - 15) ** 2 + (k - 16) ** 2 < 36).astype(np.uint8)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(sphere, segmentation, segmentId, reference)
 
-            self.delayDisplay("Painting a sphere on an oblique, flipped 32³ grid")
-            angle = np.deg2rad(20.0)
-            rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
-            ijkToRas = np.eye(4)
-            ijkToRas[:3, :3] = rotation @ np.diag([-4.0, 4.0, 4.0])
-            ijkToRas[:3, 3] = [60.0, -40.0, 10.0]
-            k, j, i = np.mgrid[:32, :32, :32]
-            ct = np.where(((i - 16) / 14.0) ** 2 + ((j - 16) / 12.0) ** 2 < 1, 40, -1000).astype(np.int16)
-            reference = slicer.util.addVolumeFromArray(ct, ijkToRas, "Reference CT")
-            segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Painted sphere")
-            segmentation.CreateDefaultDisplayNodes()
-            segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference)
-            segmentId = segmentation.GetSegmentation().AddEmptySegment("", "Liver")
-            sphere = ((i - 14) ** 2 + (j - 15) ** 2 + (k - 16) ** 2 < 36).astype(np.uint8)
-            slicer.util.updateSegmentBinaryLabelmapFromArray(sphere, segmentation, segmentId, reference)
-
-            self.delayDisplay("Generating (2 steps, CPU)")
-            result = logic.run(
-                FromSegmentation(segmentation, reference),
-                RunOptions(weights_dir=weights, seed=1, steps=2, device="cpu", allow_any_size=True),
-                log=logger.info,
-            )
-            self.assertIsNotNone(result)
-            np.testing.assert_array_equal(mrml.ijk_to_ras(result.volume_node), mrml.ijk_to_ras(reference))
-            self.assertEqual(slicer.util.arrayFromVolume(result.volume_node).shape, (32, 32, 32))
-            self.assertIn("seed 1", result.volume_node.GetName())
-            names = {result.segmentation_node.GetSegmentation().GetNthSegment(n).GetName()
-                     for n in range(result.segmentation_node.GetSegmentation().GetNumberOfSegments())}
-            self.assertEqual(names, {"liver", "body"})
-            slicer.util.setSliceViewerLayers(background=result.volume_node, fit=True)
-        finally:
-            shutil.rmtree(weights, ignore_errors=True)
+        self.delayDisplay("Generating with the bundled demo model (2 steps, CPU)")
+        result = logic.run(
+            FromSegmentation(segmentation, reference),
+            RunOptions(model="demo", seed=1, steps=2, device="cpu"),
+            log=logger.info,
+        )
+        self.assertIsNotNone(result)
+        np.testing.assert_array_equal(mrml.ijk_to_ras(result.volume_node), mrml.ijk_to_ras(reference))
+        self.assertEqual(slicer.util.arrayFromVolume(result.volume_node).shape, (32, 32, 32))
+        self.assertIn("seed 1", result.volume_node.GetName())
+        names = {result.segmentation_node.GetSegmentation().GetNthSegment(n).GetName()
+                 for n in range(result.segmentation_node.GetSegmentation().GetNumberOfSegments())}
+        self.assertEqual(names, {"liver", "body"})
+        slicer.util.setSliceViewerLayers(background=result.volume_node, fit=True)
         self.delayDisplay("Test passed")
 

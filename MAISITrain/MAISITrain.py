@@ -17,8 +17,11 @@ from typing import Annotated
 import qt
 import slicer
 import vtk
+from MAISIGenerateLib.parameters import DEVICES
 from MAISITrainLib.logic import (
+    MODEL_NAMES,
     STAGES,
+    WIDTHS,
     LossPlot,
     MetricsReader,
     TrainLogic,
@@ -60,14 +63,14 @@ class MAISITrainParameterNode:
 
     dataSource: Annotated[str, Choice(["folders", "datalist"])] = "folders"
     stage: Annotated[str, Choice(list(STAGES))] = "controlnet"
-    model: Annotated[str, Choice(["rflow-ct", "ddpm-ct"])] = "rflow-ct"
-    width: Annotated[str, Choice(["official", "tiny"])] = "official"
+    model: Annotated[str, Choice(list(MODEL_NAMES))] = "rflow-ct"
+    width: Annotated[str, Choice(list(WIDTHS))] = "official"
     weightedLabels: str = ""
     maxSteps: Annotated[int, WithinRange(0, 10000000)] = 0  # 0: the stage's default
     batchSize: Annotated[int, WithinRange(0, 256)] = 0
     learningRate: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
     patchSize: str = ""
-    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    device: Annotated[str, Choice(list(DEVICES))] = "auto"
     gpus: Annotated[int, WithinRange(1, 16)] = 1
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
 

@@ -1,11 +1,19 @@
 """Shared fixtures: real CT data, tiny weight sets made by the real `maisi weights init`, the
-reference configs beside the checkout, and a runner for the real `maisi` command."""
+reference configs beside the checkout, and two ways to run the `maisi` command: ``run_maisi`` (a real
+child process) and the ``maisi`` fixture (``maisicore.cli.main`` in this process, same captured result).
+
+Markers (registered in the root pyproject.toml): ``slow`` long end-to-end runs, ``gpu`` needs CUDA
+(skipped without it), ``network`` needs the package registry (given automatically to every test that
+uses ``real_data``: the CT data is downloaded on first use)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +27,28 @@ for _module in ("MAISIGenerate", "MAISITrain"):  # the Slicer modules' Qt-free l
 import fetch_test_data  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """``network`` for every test that needs the real CT data; ``gpu`` tests skip without CUDA."""
+    cuda = None
+    for item in items:
+        if "real_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.network)
+        if item.get_closest_marker("gpu"):
+            if cuda is None:
+                import torch
+
+                cuda = torch.cuda.is_available()
+            if not cuda:
+                item.add_marker(pytest.mark.skip(reason="needs CUDA"))
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    """NVIDIA's published configs (../shared/reference/official-configs beside the checkout)."""
+    """NVIDIA's published configs (../shared/reference/official-configs beside the checkout, or
+    $MAISI_SHARED/reference/official-configs); the tests comparing with them skip when absent."""
     folder = Path(os.environ.get("MAISI_SHARED", REPO.parent / "shared")) / "reference" / "official-configs"
     if not folder.is_dir():
-        pytest.fail(f"reference configs not found at {folder}; set MAISI_SHARED to the shared/ folder")
+        pytest.skip(f"NVIDIA's published configs not found at {folder} (set MAISI_SHARED to the shared/ folder)")
     return folder
 
 
@@ -35,6 +59,20 @@ def real_data() -> Path:
         return fetch_test_data.reference_files()
     except fetch_test_data.RegistryUnreachable as exc:
         pytest.skip(f"real CT data unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def converted_labels(real_data, tmp_path_factory) -> tuple[Path, dict]:
+    """`maisi labels convert` of the real multi-label segmentation with the CT's body envelope:
+    (MAISI label file, the conversion report). Shared by several test files: read it, never write it."""
+    import json
+
+    folder = tmp_path_factory.mktemp("converted")
+    out, report = folder / "labels.nii.gz", folder / "report.json"
+    result = run_maisi_in_process("labels", "convert", "--from", "totalsegmentator", real_data / "example_seg.nii.gz",
+                                  "--ct", real_data / "example_ct_sm.nii.gz", "--out", out, "--report", report)
+    assert result.returncode == 0, result.stderr
+    return out, json.loads(report.read_text())
 
 
 @pytest.fixture
@@ -57,8 +95,43 @@ def run_maisi(*args, cwd=None, timeout=600) -> subprocess.CompletedProcess:
     )
 
 
+# Python's default warning filters: what a user of `maisi` would see on stderr.
+_HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+def run_maisi_in_process(*args) -> subprocess.CompletedProcess:
+    """Run `maisi ARGS` in this process through ``maisicore.cli.main``, with what ``run_maisi``
+    returns (returncode, stdout, stderr) but no Python and torch start per call. stdin is empty and
+    not a terminal (a child's /dev/null); warnings the command emits are appended to stderr as a
+    child process would print them."""
+    from maisicore.cli import main
+
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    stdin, sys.stdin = sys.stdin, io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            try:
+                code = main(argv)
+            except SystemExit as exc:  # argparse's --help and --version exit
+                code = exc.code
+    finally:
+        sys.stdin = stdin
+    shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno)
+                    for w in caught if not issubclass(w.category, _HIDDEN_WARNINGS))
+    return subprocess.CompletedProcess(["maisi", *argv], code, out.getvalue(), err.getvalue() + shown)
+
+
+@pytest.fixture
+def maisi():
+    """``run_maisi_in_process``: the `maisi` command in this process (``maisi("generate", ...)``)."""
+    return run_maisi_in_process
+
+
 def _init_weights(folder: Path, model: str, *extra) -> Path:
-    result = run_maisi("weights", "init", "--preset", model, "--width", "tiny", "--out", folder, *extra)
+    result = run_maisi_in_process("weights", "init", "--preset", model, "--width", "tiny", "--out", folder, *extra)
     assert result.returncode == 0, result.stderr
     return folder
 

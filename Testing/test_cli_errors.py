@@ -1,4 +1,7 @@
-"""Every bad input: exit code 2, one line on stderr saying what to change, no traceback, nothing written."""
+"""Every bad input: exit code 2, one line on stderr saying what to change, no traceback, nothing written.
+
+The cases run `maisi` in this process (the ``maisi`` fixture: ``maisicore.cli.main``); a few run the
+real program in a child process, as a user would."""
 
 from __future__ import annotations
 
@@ -7,7 +10,9 @@ import pytest
 import torch
 from conftest import run_maisi
 from maisicore.io.geometry import Volume
-from maisicore.io.volumes import write_volume
+from maisicore.io.volumes import read_volume, write_volume
+from maisicore.models.presets import get_preset
+from maisicore.pipelines.generate import plan_generation
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +29,9 @@ def masks(tmp_path_factory):
     for name, array in (("good", good), ("unknown", unknown), ("no_region", no_region)):
         paths[name] = folder / f"{name}.nii.gz"
         write_volume(paths[name], Volume(array, np.diag([4.0, 4.0, 4.0, 1.0])))
+    for name, array in (("good", good), ("no_region", no_region)):  # 32³ at 8 mm: cheap to generate
+        paths[f"{name}_32"] = folder / f"{name}_32.nii.gz"
+        write_volume(paths[f"{name}_32"], Volume(np.ascontiguousarray(array[::2, ::2, ::2]), np.diag([8.0, 8.0, 8.0, 1.0])))
     return paths
 
 
@@ -46,7 +54,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_generate_input(case, masks, tiny_weights, tmp_path):
+def test_bad_generate_input(case, masks, tiny_weights, tmp_path, maisi):
     if case == "device cuda without CUDA" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     args, expected = CASES[case]
@@ -57,9 +65,20 @@ def test_bad_generate_input(case, masks, tiny_weights, tmp_path):
         i = args.index("--out-override")
         out = args[i + 1]
         del args[i : i + 2]
-    result = run_maisi("generate", "--model", "rflow-ct", "--weights-dir", tiny_weights["rflow-ct"], *args, "--out", out)
+    result = maisi("generate", "--model", "rflow-ct", "--weights-dir", tiny_weights["rflow-ct"], *args, "--out", out)
     _assert_one_line_error(result, expected)
     assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary file
+
+
+@pytest.mark.parametrize("case", ["spacing out of range", "unknown body region"])
+def test_bad_generate_input_in_a_real_process(case, tiny_weights, tmp_path):
+    """The same refusal from the real program (`python -m maisicore`): one checked in the pipeline,
+    one by argparse."""
+    args, expected = CASES[case]
+    result = run_maisi("generate", "--model", "rflow-ct", "--weights-dir", tiny_weights["rflow-ct"], *args,
+                       "--out", tmp_path / "ct.nii.gz")
+    _assert_one_line_error(result, expected)
+    assert list(tmp_path.iterdir()) == []
 
 
 def _assert_one_line_error(result, expected):
@@ -70,44 +89,47 @@ def _assert_one_line_error(result, expected):
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
-def test_missing_weight_files(tmp_path):
+def test_missing_weight_files(tmp_path, maisi):
     (tmp_path / "empty").mkdir()
-    result = run_maisi("generate", "--model", "rflow-ct", "--weights-dir", tmp_path / "empty", "--out", tmp_path / "ct.nii.gz")
+    result = maisi("generate", "--model", "rflow-ct", "--weights-dir", tmp_path / "empty", "--out", tmp_path / "ct.nii.gz")
     _assert_one_line_error(result, "missing weight file(s) for rflow-ct/official: ")
     assert "autoencoder_v1.pt" in result.stderr
 
 
-def test_unknown_model(tmp_path):
-    result = run_maisi("generate", "--model", "nothing-here", "--out", tmp_path / "ct.nii.gz")
+def test_unknown_model(tmp_path, maisi):
+    result = maisi("generate", "--model", "nothing-here", "--out", tmp_path / "ct.nii.gz")
     _assert_one_line_error(result, "--model nothing-here: not a model name (rflow-ct, ddpm-ct) nor a weight folder")
 
 
-def test_weights_of_the_other_model(tiny_weights, tmp_path):
-    result = run_maisi("generate", "--model", "rflow-ct", "--weights-dir", tiny_weights["ddpm-ct"], "--out", tmp_path / "ct.nii.gz")
+def test_weights_of_the_other_model(tiny_weights, tmp_path, maisi):
+    result = maisi("generate", "--model", "rflow-ct", "--weights-dir", tiny_weights["ddpm-ct"], "--out", tmp_path / "ct.nii.gz")
     _assert_one_line_error(result, "holds ddpm-ct weights, not rflow-ct; use --model ddpm-ct")
 
 
-def test_ddpm_mask_without_region_anatomy(tiny_weights, masks, tmp_path):
-    result = run_maisi("generate", "--model", "ddpm-ct", "--weights-dir", tiny_weights["ddpm-ct"], "--mask", masks["no_region"],
-                       "--allow-any-size", "--out", tmp_path / "ct.nii.gz")
+def test_ddpm_mask_without_region_anatomy(tiny_weights, masks, tmp_path, maisi):
+    result = maisi("generate", "--model", "ddpm-ct", "--weights-dir", tiny_weights["ddpm-ct"], "--mask", masks["no_region"],
+                   "--allow-any-size", "--out", tmp_path / "ct.nii.gz")
     _assert_one_line_error(result, "give --body-region")
     # With the region given it runs (and derives nothing from the mask).
-    result = run_maisi("generate", "--model", "ddpm-ct", "--weights-dir", tiny_weights["ddpm-ct"], "--mask", masks["no_region"],
-                       "--body-region", "abdomen", "--steps", 2, "--allow-any-size", "--device", "cpu",
-                       "--out", tmp_path / "ct.nii.gz")
+    result = maisi("generate", "--model", "ddpm-ct", "--weights-dir", tiny_weights["ddpm-ct"], "--mask", masks["no_region_32"],
+                   "--body-region", "abdomen", "--steps", 2, "--allow-any-size", "--device", "cpu",
+                   "--out", tmp_path / "ct.nii.gz")
     assert result.returncode == 0, result.stderr
     assert "body region abdomen→abdomen" in result.stderr
 
 
-def test_ddpm_region_from_mask(tiny_weights, masks, tmp_path):
-    result = run_maisi("generate", "--model", "ddpm-ct", "--weights-dir", tiny_weights["ddpm-ct"], "--mask", masks["good"],
-                       "--steps", 2, "--allow-any-size", "--device", "cpu", "--out", tmp_path / "ct.nii.gz")
+def test_ddpm_region_from_mask(tiny_weights, masks, tmp_path, maisi):
+    plan = plan_generation(get_preset("ddpm-ct", "tiny"), mask=read_volume(masks["good"]), allow_any_size=True)
+    assert plan.body_region == ("abdomen", "abdomen")  # liver present: abdomen (reference rule)
+    # The command line derives the same region and runs with it (the same mask at half the resolution).
+    result = maisi("generate", "--model", "ddpm-ct", "--weights-dir", tiny_weights["ddpm-ct"], "--mask", masks["good_32"],
+                   "--steps", 2, "--allow-any-size", "--device", "cpu", "--out", tmp_path / "ct.nii.gz")
     assert result.returncode == 0, result.stderr
-    assert "body region abdomen→abdomen" in result.stderr  # liver present: abdomen (reference rule)
+    assert "body region abdomen→abdomen" in result.stderr
 
 
-def test_no_command_and_help():
-    result = run_maisi()
+def test_no_command_and_help(maisi):
+    result = run_maisi()  # the real program
     assert result.returncode == 2 and "usage: maisi" in result.stderr
-    result = run_maisi("generate", "--help")
+    result = maisi("generate", "--help")
     assert result.returncode == 0 and "--allow-any-size" in result.stdout and "--preview PNG" in result.stdout

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from conftest import run_maisi
 from maisicore.io.volumes import read_volume
 from maisicore.models.weights import demo_weights_dir, read_model_card
@@ -25,13 +26,12 @@ def test_demo_model_is_bundled_small_and_documented():
     assert card["metrics"]["qc_passed"] is True
 
 
-def test_quick_start_generation_passes_qc(real_data, tmp_path):
-    labels = tmp_path / "labels.nii.gz"
-    result = run_maisi("labels", "convert", "--from", "totalsegmentator", real_data / "example_seg.nii.gz",
-                       "--ct", real_data / "example_ct_sm.nii.gz", "--out", labels)
-    assert result.returncode == 0, result.stderr
+@pytest.mark.slow
+def test_quick_start_generation_passes_qc(converted_labels, tmp_path, maisi):
+    labels = converted_labels[0]  # the quick start's `maisi labels convert` of the real segmentation
     ct, ct_labels, preview = tmp_path / "ct.nii.gz", tmp_path / "ct_labels.nii.gz", tmp_path / "ct.png"
     card = read_model_card(demo_weights_dir())
+    # The real program, as the README runs it.
     result = run_maisi("generate", "--model", "demo", "--mask", labels, "--fit-grid",
                        "--size", *card["grid"]["size"], "--spacing", *card["grid"]["spacing"], "--allow-any-size",
                        "--on-mask-grid", "--seed", 0, "--device", "cpu", "--out", ct, "--label-out", ct_labels,
@@ -42,7 +42,7 @@ def test_quick_start_generation_passes_qc(real_data, tmp_path):
     assert image.shape == mask.shape and np.array_equal(image.affine, mask.affine)
     assert preview.stat().st_size > 1000
     report = tmp_path / "qc.json"
-    result = run_maisi("qc", ct, "--label", ct_labels, "--json", report)
+    result = maisi("qc", ct, "--label", ct_labels, "--json", report)
     rows = {row["organ"]: row for row in json.loads(report.read_text())}
     assert all(rows[organ]["checked"] and rows[organ]["passed"] for organ in ORGANS), result.stdout
     # the same medians the model card records (same seed, same machine kind: within 10 %)

@@ -23,13 +23,13 @@ def _sha(path) -> str:
 
 @pytest.mark.parametrize("weights", ["training_start_weights", "tiny_weights"])
 @pytest.mark.parametrize("model,extra", [("rflow-ct", []), ("ddpm-ct", ["--steps", 5])])
-def test_generate_is_bit_identical_across_runs(request, tmp_path, model, extra, weights):
+def test_generate_is_bit_identical_across_runs(request, tmp_path, model, extra, weights, maisi):
     folder = request.getfixturevalue(weights)[model]
     outs = []
-    for run in range(2):
+    for run, runner in enumerate((run_maisi, maisi)):  # the real program, then the same command in this process
         out = tmp_path / f"run{run}.nii.gz"
-        result = run_maisi("generate", "--model", model, "--weights-dir", folder, *GRID,
-                           "--seed", 1, *extra, "--out", out)
+        result = runner("generate", "--model", model, "--weights-dir", folder, *GRID,
+                        "--seed", 1, *extra, "--out", out)
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip().splitlines()[-1].startswith(f"wrote {out}")
         outs.append(out)
@@ -40,16 +40,16 @@ def test_generate_is_bit_identical_across_runs(request, tmp_path, model, extra, 
     assert data.min() >= -1000 and data.max() <= 1000 and data.std() > 0
     # A different seed gives a different image.
     other = tmp_path / "seed2.nii.gz"
-    assert run_maisi("generate", "--model", model, "--weights-dir", folder, *GRID, "--seed", 2,
-                     *extra, "--out", other).returncode == 0
+    assert maisi("generate", "--model", model, "--weights-dir", folder, *GRID, "--seed", 2,
+                 *extra, "--out", other).returncode == 0
     assert not np.array_equal(np.asanyarray(nib.load(other).dataobj), data)
 
 
-def test_output_geometry_without_mask(tiny_weights, tmp_path):
+def test_output_geometry_without_mask(tiny_weights, tmp_path, maisi):
     out = tmp_path / "ct.nrrd"
-    result = run_maisi("generate", "--model", "rflow-ct", "--weights-dir", tiny_weights["rflow-ct"],
-                       "--size", 64, 32, 96, "--spacing", 1.5, 2.0, 3.0, "--allow-any-size", "--device", "cpu",
-                       "--steps", 3, "--out", out)
+    result = maisi("generate", "--model", "rflow-ct", "--weights-dir", tiny_weights["rflow-ct"],
+                   "--size", 64, 32, 96, "--spacing", 1.5, 2.0, 3.0, "--allow-any-size", "--device", "cpu",
+                   "--steps", 3, "--out", out)
     assert result.returncode == 0, result.stderr
     ct = read_volume(out)
     assert ct.shape == (64, 32, 96)
@@ -75,7 +75,7 @@ def _oblique_flipped(volume: Volume) -> Volume:
     return Volume(np.ascontiguousarray(array), rot @ volume.affine @ perm)
 
 
-def test_mask_geometry_is_kept_exactly_in_any_orientation(tiny_weights, tmp_path, real_data):
+def test_mask_geometry_is_kept_exactly_in_any_orientation(tiny_weights, tmp_path, real_data, maisi):
     labels, affine = body_mask_from_real_data(real_data)
     plain = Volume(labels, affine)
     oblique = _oblique_flipped(plain)
@@ -85,9 +85,9 @@ def test_mask_geometry_is_kept_exactly_in_any_orientation(tiny_weights, tmp_path
         write_volume(mask_path, mask)
         before = _sha(mask_path)
         out = tmp_path / f"ct_{name}.nii.gz"
-        result = run_maisi("generate", "--model", tiny_weights["rflow-ct"], "--mask", mask_path, "--allow-any-size",
-                           "--device", "cpu", "--seed", 4, "--steps", 4, "--preview", tmp_path / f"{name}.png",
-                           "--out", out)
+        result = maisi("generate", "--model", tiny_weights["rflow-ct"], "--mask", mask_path, "--allow-any-size",
+                       "--device", "cpu", "--seed", 4, "--steps", 4, "--preview", tmp_path / f"{name}.png",
+                       "--out", out)
         assert result.returncode == 0, result.stderr
         assert _sha(mask_path) == before  # the input is never modified
         ct = read_volume(out)

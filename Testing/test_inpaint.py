@@ -18,13 +18,10 @@ from maisicore.pipelines.inpaint import ball_tumor, check_host, inpaint
 LIVER_POINT = (64.0, 185.0, 150.0)  # RAS mm, inside the liver of example_ct_sm
 
 
-@pytest.fixture(scope="module")
-def anatomy(real_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("inpaint") / "labels.nii.gz"
-    result = run_maisi("labels", "convert", "--from", "totalsegmentator", real_data / "example_seg.nii.gz",
-                       "--ct", real_data / "example_ct_sm.nii.gz", "--out", out)
-    assert result.returncode == 0, result.stderr
-    return out
+@pytest.fixture
+def anatomy(converted_labels):
+    """The real segmentation as MAISI labels (conftest's session-wide ``converted_labels``)."""
+    return converted_labels[0]
 
 
 def _sha(path):
@@ -133,10 +130,10 @@ def test_tumour_shape_and_host_clipping(real_data, anatomy):
         (["--tumor-type", "hepatic tumor"], "give either --tumor-mask, or --tumor-center with --tumor-diameter"),
     ],
 )
-def test_inpaint_errors(args, expected, tiny_weights, real_data, anatomy, tmp_path):
+def test_inpaint_errors(args, expected, tiny_weights, real_data, anatomy, tmp_path, maisi):
     args = [str(a).format(labels=anatomy) for a in args]
-    result = run_maisi("inpaint", "--image", real_data / "example_ct_sm.nii.gz", "--model", tiny_weights["rflow-ct"],
-                       "--device", "cpu", *args, "--out", tmp_path / "x.nii.gz")
+    result = maisi("inpaint", "--image", real_data / "example_ct_sm.nii.gz", "--model", tiny_weights["rflow-ct"],
+                   "--device", "cpu", *args, "--out", tmp_path / "x.nii.gz")
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("maisi: error: ") and expected in lines[0], result.stderr

@@ -8,7 +8,6 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import run_maisi
 from maisicore.anatomy.body import body_from_ct, fill_holes, largest_component
 from maisicore.anatomy.grids import (
     Grid,
@@ -26,15 +25,11 @@ def _array(path):
     return np.asanyarray(nib.load(path).dataobj)
 
 
-@pytest.fixture(scope="module")
-def converted(real_data, tmp_path_factory):
-    """`maisi labels convert` of the real multi-label segmentation with the CT's body envelope."""
-    folder = tmp_path_factory.mktemp("converted")
-    out, report = folder / "labels.nii.gz", folder / "report.json"
-    result = run_maisi("labels", "convert", "--from", "totalsegmentator", real_data / "example_seg.nii.gz",
-                       "--ct", real_data / "example_ct_sm.nii.gz", "--out", out, "--report", report)
-    assert result.returncode == 0, result.stderr
-    return out, json.loads(report.read_text())
+@pytest.fixture
+def converted(converted_labels):
+    """`maisi labels convert` of the real multi-label segmentation with the CT's body envelope
+    (conftest's session-wide ``converted_labels``): (label file, report)."""
+    return converted_labels
 
 
 def test_every_totalsegmentator_class_is_mapped_or_reported(real_data, converted):
@@ -72,9 +67,9 @@ def test_body_envelope_covers_the_patient(real_data, converted):
     assert np.all(labels[seg > 0] != 200)
 
 
-def test_body_envelope_from_labels_alone(real_data, tmp_path):
+def test_body_envelope_from_labels_alone(real_data, tmp_path, maisi):
     out = tmp_path / "labels.nrrd"
-    result = run_maisi("labels", "convert", "--from", "totalsegmentator", real_data / "example_seg.nii.gz", "--out", out)
+    result = maisi("labels", "convert", "--from", "totalsegmentator", real_data / "example_seg.nii.gz", "--out", out)
     assert result.returncode == 0, result.stderr
     labels = read_volume(out).array
     ct = _array(real_data / "example_ct_sm.nii.gz")
@@ -147,12 +142,12 @@ def test_closest_valid_grid_keeps_the_extent_and_maps_back_exactly(converted):
     assert np.mean((back.array > -500) == (labels.array > 0)) > 0.97
 
 
-def test_generate_fit_grid_and_back_on_the_mask_grid(tiny_weights, converted, tmp_path):
+def test_generate_fit_grid_and_back_on_the_mask_grid(tiny_weights, converted, tmp_path, maisi):
     mask_path = converted[0]
     out, label_out = tmp_path / "ct.nii.gz", tmp_path / "labels.nii.gz"
-    result = run_maisi("generate", "--model", tiny_weights["rflow-ct"], "--mask", mask_path, "--fit-grid",
-                       "--size", 128, 128, 32, "--spacing", 3, 3, 3, "--allow-any-size", "--on-mask-grid",
-                       "--steps", 3, "--device", "cpu", "--out", out, "--label-out", label_out)
+    result = maisi("generate", "--model", tiny_weights["rflow-ct"], "--mask", mask_path, "--fit-grid",
+                   "--size", 128, 128, 32, "--spacing", 3, 3, 3, "--allow-any-size", "--on-mask-grid",
+                   "--steps", 3, "--device", "cpu", "--out", out, "--label-out", label_out)
     assert result.returncode == 0, result.stderr
     mask = nib.load(mask_path)
     for path in (out, label_out):
@@ -195,13 +190,13 @@ def _candidate_database(converted_labels: Volume, folder):
     return folder / "candidates.json"
 
 
-def test_paired_generation_from_a_candidate_database(tiny_weights, converted, tmp_path):
+def test_paired_generation_from_a_candidate_database(tiny_weights, converted, tmp_path, maisi):
     db = _candidate_database(read_volume(converted[0]), tmp_path)
     out, label_out = tmp_path / "ct.nii.gz", tmp_path / "labels.nii.gz"
-    result = run_maisi("generate", "--model", tiny_weights["rflow-ct"], "--anatomy", "liver,hepatic tumor",
-                       "--body-region", "abdomen", "--mask-db", db, "--size", 128, 128, 32, "--spacing", 3, 3, 3,
-                       "--allow-any-size", "--steps", 3, "--seed", 5, "--device", "cpu",
-                       "--out", out, "--label-out", label_out)
+    result = maisi("generate", "--model", tiny_weights["rflow-ct"], "--anatomy", "liver,hepatic tumor",
+                   "--body-region", "abdomen", "--mask-db", db, "--size", 128, 128, 32, "--spacing", 3, 3, 3,
+                   "--allow-any-size", "--steps", 3, "--seed", 5, "--device", "cpu",
+                   "--out", out, "--label-out", label_out)
     assert result.returncode == 0, result.stderr
     assert "mask from database: hepatic.nii.gz" in result.stderr
     labels, ct = _array(label_out), _array(out)
@@ -210,23 +205,23 @@ def test_paired_generation_from_a_candidate_database(tiny_weights, converted, tm
     assert (labels == 128).sum() == 0  # the bone-lesion candidate was not taken
     assert np.all(ct[labels == 0] == -1000)
     # Resampled to another grid when no candidate is on it.
-    result = run_maisi("generate", "--model", tiny_weights["rflow-ct"], "--anatomy", "liver", "--mask-db", db,
-                       "--size", 64, 64, 32, "--spacing", 6, 6, 3, "--allow-any-size", "--steps", 2, "--device", "cpu",
-                       "--out", tmp_path / "small.nii.gz", "--label-out", tmp_path / "small_labels.nii.gz")
+    result = maisi("generate", "--model", tiny_weights["rflow-ct"], "--anatomy", "liver", "--mask-db", db,
+                   "--size", 64, 64, 32, "--spacing", 6, 6, 3, "--allow-any-size", "--steps", 2, "--device", "cpu",
+                   "--out", tmp_path / "small.nii.gz", "--label-out", tmp_path / "small_labels.nii.gz")
     assert result.returncode == 0, result.stderr
     assert "(resampled)" in result.stderr and "plain.nii.gz" in result.stderr
     small = _array(tmp_path / "small_labels.nii.gz")
     assert small.shape == (64, 64, 32) and (small == 1).sum() > 0 and not np.isin(small, [26, 128]).any()
     # No candidate holds a lung tumour: one clear line.
-    result = run_maisi("generate", "--model", tiny_weights["rflow-ct"], "--anatomy", "lung tumor", "--mask-db", db,
-                       "--size", 128, 128, 32, "--spacing", 3, 3, 3, "--allow-any-size", "--out", tmp_path / "x.nii.gz")
+    result = maisi("generate", "--model", tiny_weights["rflow-ct"], "--anatomy", "lung tumor", "--mask-db", db,
+                   "--size", 128, 128, 32, "--spacing", 3, 3, 3, "--allow-any-size", "--out", tmp_path / "x.nii.gz")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         "maisi: error: no candidate mask in the database contains lung tumor without other tumours; "
         "change --anatomy or --body-region"
     )
-    result = run_maisi("generate", "--model", tiny_weights["rflow-ct"], "--anatomy", "kidney stone", "--mask-db", db,
-                       "--out", tmp_path / "x.nii.gz")
+    result = maisi("generate", "--model", tiny_weights["rflow-ct"], "--anatomy", "kidney stone", "--mask-db", db,
+                   "--out", tmp_path / "x.nii.gz")
     assert result.returncode == 2 and "--anatomy 'kidney stone': not a MAISI anatomy name" in result.stderr
 
 
@@ -247,8 +242,8 @@ def test_tumour_augmentation_stays_in_its_organ(converted):
     assert np.array_equal(out[~np.isin(labels, [1, 26])], labels[~np.isin(labels, [1, 26])])
 
 
-def test_qc_passes_on_real_ct_and_fails_readably(real_data, converted, tmp_path):
-    result = run_maisi("qc", real_data / "example_ct_sm.nii.gz", "--label", converted[0], "--json", tmp_path / "qc.json")
+def test_qc_passes_on_real_ct_and_fails_readably(real_data, converted, tmp_path, maisi):
+    result = maisi("qc", real_data / "example_ct_sm.nii.gz", "--label", converted[0], "--json", tmp_path / "qc.json")
     assert result.returncode == 0, result.stdout + result.stderr
     rows = {r["organ"]: r for r in json.loads((tmp_path / "qc.json").read_text())}
     for organ in ("liver", "spleen", "pancreas", "kidney", "bone"):
@@ -260,7 +255,7 @@ def test_qc_passes_on_real_ct_and_fails_readably(real_data, converted, tmp_path)
     labels = read_volume(converted[0]).array
     ct.array[labels == 1] = -500
     write_volume(tmp_path / "bad.nii.gz", ct)
-    result = run_maisi("qc", tmp_path / "bad.nii.gz", "--label", converted[0])
+    result = maisi("qc", tmp_path / "bad.nii.gz", "--label", converted[0])
     assert result.returncode == 1
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["organ", "voxels", "median", "HU", "range", "HU", "result"]
@@ -269,21 +264,21 @@ def test_qc_passes_on_real_ct_and_fails_readably(real_data, converted, tmp_path)
     assert lines[-1] == "quality check failed: liver outside the range of real CTs"
 
 
-def test_labels_list_cli():
-    result = run_maisi("labels", "list")
+def test_labels_list_cli(maisi):
+    result = maisi("labels", "list")
     assert result.returncode == 0
     rows = result.stdout.splitlines()
     assert len(rows) == 1 + 133
     assert rows[1].split()[:2] == ["1", "liver"] and "kidney_left" in next(r for r in rows if " left kidney " in r)
-    result = run_maisi("labels", "list", "--json")
+    result = maisi("labels", "list", "--json")
     data = json.loads(result.stdout)
     assert {d["id"] for d in data if d["tumor"]} == {23, 24, 26, 27, 128}
 
 
-def test_labels_convert_errors(tmp_path, real_data):
-    result = run_maisi("labels", "convert", "--from", "totalsegmentator", tmp_path / "none.nii.gz", "--out", tmp_path / "o.nii.gz")
+def test_labels_convert_errors(tmp_path, real_data, maisi):
+    result = maisi("labels", "convert", "--from", "totalsegmentator", tmp_path / "none.nii.gz", "--out", tmp_path / "o.nii.gz")
     assert result.returncode == 2 and "file not found" in result.stderr and "Traceback" not in result.stderr
-    result = run_maisi("labels", "convert", "--from", "totalsegmentator", real_data / "example_seg.nii.gz",
-                       "--ct", real_data / "example_ct.nii.gz", "--out", tmp_path / "o.nii.gz")
+    result = maisi("labels", "convert", "--from", "totalsegmentator", real_data / "example_seg.nii.gz",
+                   "--ct", real_data / "example_ct.nii.gz", "--out", tmp_path / "o.nii.gz")
     assert result.returncode == 2 and "--ct is not on the segmentation's grid" in result.stderr
     assert not (tmp_path / "o.nii.gz").exists()

@@ -9,7 +9,7 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
-from maisicore.anatomy.labels import binarize_labels
+from maisicore.diffusion.conditioning import binarize_labels
 from maisicore.io.geometry import Volume
 from maisicore.models.networks import build_scheduler
 from maisicore.models.presets import get_preset

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import slicer
-from conftest import run_maisi
 from maisicore.anatomy.labels import label_table
 from maisicore.io.geometry import kji_to_ijk
 from maisicore.io.volumes import read_volume, write_volume
@@ -88,7 +87,8 @@ def _maisi_temp_dirs() -> set[str]:
     return {p.name for p in Path(tempfile.gettempdir()).glob("maisi-generate-*")}
 
 
-def test_generation_from_segmentation_matches_the_cli_on_the_reference_grid(scene, sphere_case, tiny_weights, tmp_path):
+def test_generation_from_segmentation_matches_the_cli_on_the_reference_grid(scene, sphere_case, tiny_weights, tmp_path,
+                                                                            maisi):
     reference, segmentation = sphere_case
     before = {node.GetID(): node_checksum(node) for node in (reference, segmentation)}
     nodes_before = node_ids(scene)
@@ -96,7 +96,15 @@ def test_generation_from_segmentation_matches_the_cli_on_the_reference_grid(scen
     logic = GenerateLogic()
     lines = []
 
-    result = logic.run(FromSegmentation(segmentation, reference), _options(tiny_weights), log=lines.append)
+    job = logic.start(FromSegmentation(segmentation, reference), _options(tiny_weights))
+    assert job.command[-3:] == ["maisicore", "run", str(job.request_file)]  # a request, not an argv
+    deadline = time.monotonic() + 600
+    while not job.done and time.monotonic() < deadline:
+        lines += job.poll()
+        time.sleep(0.05)
+    lines += job.poll()
+    worker_files = {name: (job.workdir / name).read_bytes() for name in ("ct.nrrd", "labels.nrrd")}
+    result = job.finish()
 
     # A new volume node, named with model and seed, on exactly the reference's grid.
     volume = result.volume_node
@@ -109,13 +117,16 @@ def test_generation_from_segmentation_matches_the_cli_on_the_reference_grid(scen
     # Voxel for voxel what the maisi CLI writes for the same labels, weights and seed.
     labels = logic.labels_from_segmentation(segmentation, reference).labels
     write_volume(tmp_path / "mask.nrrd", labels)
-    cli = run_maisi("generate", "--model", "rflow-ct", "--weights-dir", tiny_weights["rflow-ct"],
-                    "--mask", tmp_path / "mask.nrrd", "--seed", 7, "--steps", 2, "--device", "cpu",
-                    "--allow-any-size", "--out", tmp_path / "cli.nii.gz")
+    cli = maisi("generate", "--model", "rflow-ct", "--weights-dir", tiny_weights["rflow-ct"],
+                "--mask", tmp_path / "mask.nrrd", "--seed", 7, "--steps", 2, "--device", "cpu",
+                "--allow-any-size", "--out", tmp_path / "ct.nrrd", "--label-out", tmp_path / "labels.nrrd")
     assert cli.returncode == 0, cli.stderr
-    expected = read_volume(tmp_path / "cli.nii.gz")
+    expected = read_volume(tmp_path / "ct.nrrd")
     np.testing.assert_array_equal(ct, expected.array)
     assert ct.std() > 0
+    # The worker wrote the very bytes the CLI writes for the same request.
+    for name, data in worker_files.items():
+        assert data == (tmp_path / name).read_bytes(), name
 
     # The inputs are unchanged and nothing else was added or left behind.
     assert {node.GetID(): node_checksum(node) for node in (reference, segmentation)} == before
@@ -238,6 +249,17 @@ def test_weights_status_and_download_command(monkeypatch, tmp_path):
         assert row["installed"] is False and row["license_accepted"] is False
         assert row["license"] and row["license_url"].startswith("https://")
         assert row["path"] == str(tmp_path / "weights" / model)
-    assert logic.weights_download_command("rflow-ct")[-5:] == ["maisicore", "weights", "download", "rflow-ct",
-                                                               "--accept-license"]
     assert logic.remove_weights("rflow-ct").startswith("rflow-ct: nothing to remove")
+    # The download is a request whose licence acceptance the panel sets after the user accepted.
+    monkeypatch.setenv("MAISI_WEIGHTS_BASE_URL", "http://127.0.0.1:9")  # nothing listens: fails at once
+    job = logic.start_weights_download("rflow-ct")
+    assert job.request.to_dict() == {"kind": "weights", "action": "download", "model": "rflow-ct",
+                                     "accept_license": True, "include_datasets": False}
+    assert job.command[-3:] == ["maisicore", "run", str(job.request_file)]
+    deadline = time.monotonic() + 60
+    while not job.done and time.monotonic() < deadline:
+        job.poll()
+        time.sleep(0.05)
+    with pytest.raises(RuntimeError, match="cannot reach the weights server"):
+        job.finish()
+    assert not job.workdir.exists() and not (tmp_path / "weights" / "rflow-ct" / "models").exists()

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_maisi_in_process
 from maisicore.io.geometry import Volume
 from maisicore.io.volumes import read_volume, write_volume
 from maisicore.training.run import read_metrics
@@ -28,6 +29,7 @@ def _env(**extra) -> dict:
 
 
 def _maisi(*args, timeout=600, env=None):
+    """The real `maisi` program in a child process, single-threaded (training runs)."""
     return subprocess.run([sys.executable, "-m", "maisicore", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env or _env())
 
@@ -43,25 +45,24 @@ def _val(records: list[dict], key: str) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, real_data, training_start_weights):
+def data(tmp_path_factory, real_data, converted_labels, training_start_weights):
     """The real CT (full and 30-slice crop with its converted TotalSegmentator labels) as datalists
-    and as latents of the tiny VAE."""
+    and as latents of the tiny VAE (prepared by `maisi prepare` in this process)."""
     root = tmp_path_factory.mktemp("train-data")
     (root / "images").mkdir()
     shutil.copy(real_data / "example_ct.nii.gz", root / "images" / "example_ct.nii.gz")
     (root / "sm" / "images").mkdir(parents=True)
     (root / "sm" / "labels").mkdir()
     shutil.copy(real_data / "example_ct_sm.nii.gz", root / "sm" / "images" / "case.nii.gz")
-    result = _maisi("labels", "convert", "--from", "totalsegmentator", real_data / "example_seg.nii.gz",
-                    "--ct", root / "sm" / "images" / "case.nii.gz", "--out", root / "sm" / "labels" / "case.nii.gz")
-    assert result.returncode == 0, result.stderr
+    shutil.copy(converted_labels[0], root / "sm" / "labels" / "case.nii.gz")  # `maisi labels convert` of the crop
     for args in (["--images", root / "images", "--out", root / "ct.json"],
                  ["--images", root / "sm" / "images", "--labels", root / "sm" / "labels", "--out", root / "sm.json"]):
-        result = _maisi("prepare", *args)
+        result = run_maisi_in_process("prepare", *args)
         assert result.returncode == 0, result.stderr
     weights = training_start_weights["rflow-ct"]
-    result = _maisi("prepare", "latents", "--datalist", root / "sm.json", "--weights", weights / "models" / "autoencoder_v1.pt",
-                    "--out-dir", root / "latents", "--out", root / "sm_latents.json", "--round-to", 32, "--device", "cpu")
+    result = run_maisi_in_process("prepare", "latents", "--datalist", root / "sm.json",
+                                  "--weights", weights / "models" / "autoencoder_v1.pt", "--out-dir", root / "latents",
+                                  "--out", root / "sm_latents.json", "--round-to", 32, "--device", "cpu")
     assert result.returncode == 0, result.stderr
     return {"root": root, "ct": root / "ct.json", "sm": root / "sm.json", "latents": root / "sm_latents.json",
             "weights": weights, "ddpm_weights": training_start_weights["ddpm-ct"]}
@@ -84,7 +85,8 @@ def test_prepare_reports_problems_without_stopping(data, tmp_path):
     labels = read_volume(data["root"] / "sm" / "labels" / "case.nii.gz")
     write_volume(tmp_path / "labels" / "shifted.nii.gz", Volume(labels.array[:, :, :20], labels.affine))
     (tmp_path / "images" / "broken.nii.gz").write_bytes(b"not a nifti file")
-    result = _maisi("prepare", "--images", tmp_path / "images", "--labels", tmp_path / "labels", "--out", tmp_path / "dl.json")
+    result = run_maisi_in_process("prepare", "--images", tmp_path / "images", "--labels", tmp_path / "labels",
+                                  "--out", tmp_path / "dl.json")
     assert result.returncode == 0, result.stderr
     listing = json.loads((tmp_path / "dl.json").read_text())
     assert [e["image"] for e in listing["training"]] == ["images/good.nii.gz"]
@@ -105,8 +107,9 @@ def test_latents_are_cached_with_labels_on_their_grid(data):
     assert set(np.unique(labels.array)) >= {0, 1, 3, 200}  # liver, spleen, body kept by nearest resizing
     sidecar = json.loads((root / f"{entry['latent']}.json").read_text())
     assert sidecar["dim"] == [128, 96, 32]
-    again = _maisi("prepare", "latents", "--datalist", data["sm"], "--weights", data["weights"], "--out-dir", root / "latents",
-                   "--out", root / "again.json", "--round-to", 32, "--device", "cpu")
+    again = run_maisi_in_process("prepare", "latents", "--datalist", data["sm"], "--weights", data["weights"],
+                                 "--out-dir", root / "latents", "--out", root / "again.json", "--round-to", 32,
+                                 "--device", "cpu")
     assert again.returncode == 0 and "already encoded, skipped" in again.stdout
 
 
@@ -121,8 +124,9 @@ def test_vae_validation_l1_falls_and_weights_load_in_generate(data, tmp_path):
     records = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, 9)) and all(r["lr"] == 1e-3 for r in records)
     out = tmp_path / "ct.nii.gz"
-    generated = _maisi("generate", "--model", run / "weights", "--size", 64, 64, 64, "--spacing", 4, 4, 4,
-                       "--allow-any-size", "--steps", 2, "--device", "cpu", "--out", out)
+    generated = run_maisi_in_process("generate", "--model", run / "weights", "--size", 64, 64, 64,
+                                     "--spacing", 4, 4, 4, "--allow-any-size", "--steps", 2, "--device", "cpu",
+                                     "--out", out)
     assert generated.returncode == 0, generated.stderr
     trained = _tensors(run / "weights" / "models" / "autoencoder_v1.pt")
     start = _tensors(data["weights"] / "models" / "autoencoder_v1.pt")
@@ -233,7 +237,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(data, tmp_path):
 
 def _bad(tmp_path, *args):
     run = tmp_path / "run"
-    result = _maisi("train", *args, "--out", run, "--width", "tiny", "--max-steps", 1, "--device", "cpu")
+    result = run_maisi_in_process("train", *args, "--out", run, "--width", "tiny", "--max-steps", 1, "--device", "cpu")
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("maisi: error: ") and "Traceback" not in result.stderr
@@ -285,5 +289,6 @@ def test_resume_needs_a_checkpoint_and_a_run_is_never_overwritten(data, tmp_path
     first = _maisi("train", "vae", "--datalist", data["ct"], "--out", run, "--width", "tiny", "--patch-size", 32, 32, 32,
                    "--max-steps", 1, "--device", "cpu")
     assert first.returncode == 0, first.stderr
-    again = _maisi("train", "vae", "--datalist", data["ct"], "--out", run, "--width", "tiny", "--max-steps", 1, "--device", "cpu")
+    again = run_maisi_in_process("train", "vae", "--datalist", data["ct"], "--out", run, "--width", "tiny",
+                                 "--max-steps", 1, "--device", "cpu")
     assert again.returncode == 2 and "already holds a run" in again.stderr

@@ -135,13 +135,13 @@ def test_sliding_window_shows_seams_exact_does_not(tiny_ae):
     assert window_error > 100 * max(exact_error, 1e-7)
 
 
-def test_vae_encode_decode_cli_on_real_ct(tiny_weights, real_data, tmp_path):
+def test_vae_encode_decode_cli_on_real_ct(tiny_weights, real_data, tmp_path, maisi):
     from maisicore.pipelines.vae import latent_affine
 
     weights = tiny_weights["rflow-ct"] / "models" / "autoencoder_v1.pt"
     latent_path, ct_path = tmp_path / "latent.nii.gz", tmp_path / "decoded.nrrd"
-    result = run_maisi("vae", "encode", "--weights", weights, "--image", real_data / "example_ct_sm.nii.gz",
-                       "--device", "cpu", "--out", latent_path)
+    result = maisi("vae", "encode", "--weights", weights, "--image", real_data / "example_ct_sm.nii.gz",
+                   "--device", "cpu", "--out", latent_path)
     assert result.returncode == 0, result.stderr
     assert "padded (122, 101, 30) to (124, 104, 32) with air" in result.stderr
     latent = nib.load(latent_path)
@@ -159,7 +159,8 @@ def test_vae_encode_decode_cli_on_real_ct(tiny_weights, real_data, tmp_path):
     with torch.no_grad():
         mu, _ = ae.encode(torch.from_numpy(unit)[None, None])
     assert np.abs(np.asanyarray(latent.dataobj) - mu[0].permute(1, 2, 3, 0).numpy()).max() <= TOLERANCE
-    # Decode back: the image grid of the (padded) CT, exactly.
+    # Decode back in a fresh process (the memory budget counts what the process holds): the image
+    # grid of the (padded) CT, exactly.
     result = run_maisi("vae", "decode", "--weights", weights, "--latent", latent_path, "--memory-budget", 8,
                        "--device", "cpu", "--out", ct_path)
     assert result.returncode == 0, result.stderr
@@ -174,13 +175,13 @@ def test_vae_encode_decode_cli_on_real_ct(tiny_weights, real_data, tmp_path):
     assert np.abs(decoded.array - expected).max() <= 1  # int16 rounding of equal floats
 
 
-def test_vae_decode_refuses_a_budget_below_what_the_process_holds(tiny_weights, tmp_path):
+def test_vae_decode_refuses_a_budget_below_what_the_process_holds(tiny_weights, tmp_path, maisi):
     from maisicore.pipelines.vae import write_latent
 
     write_latent(tmp_path / "z.nii.gz", np.zeros((8, 8, 8, 4), np.float32), np.eye(4), {})
-    result = run_maisi("vae", "decode", "--weights", tiny_weights["rflow-ct"] / "models" / "autoencoder_v1.pt",
-                       "--latent", tmp_path / "z.nii.gz", "--memory-budget", 0.05, "--device", "cpu",
-                       "--out", tmp_path / "ct.nii.gz")
+    result = maisi("vae", "decode", "--weights", tiny_weights["rflow-ct"] / "models" / "autoencoder_v1.pt",
+                   "--latent", tmp_path / "z.nii.gz", "--memory-budget", 0.05, "--device", "cpu",
+                   "--out", tmp_path / "ct.nii.gz")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("maisi: error: the process already holds")
     assert "raise --memory-budget" in result.stderr and not (tmp_path / "ct.nii.gz").exists()

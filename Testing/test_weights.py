@@ -7,7 +7,6 @@ import pickle
 
 import pytest
 import torch
-from conftest import run_maisi
 from maisicore.errors import InputError
 from maisicore.models.presets import get_preset
 from maisicore.models.weights import (
@@ -91,7 +90,7 @@ class _RunsCodeWhenUnpickled:
         return (open, (self.marker, "w"))
 
 
-def test_pickled_code_checkpoint_is_refused_and_not_executed(tiny_weights, tmp_path):
+def test_pickled_code_checkpoint_is_refused_and_not_executed(tiny_weights, tmp_path, maisi):
     import shutil
 
     folder = tmp_path / "tampered"
@@ -100,7 +99,7 @@ def test_pickled_code_checkpoint_is_refused_and_not_executed(tiny_weights, tmp_p
     path = folder / "models" / "controlnet_3d_rflow-ct.pt"
     with open(path, "wb") as f:
         pickle.dump({"controlnet_state_dict": _RunsCodeWhenUnpickled(marker)}, f)
-    result = run_maisi(
+    result = maisi(
         "generate", "--model", "rflow-ct", "--weights-dir", folder, "--size", 64, 64, 64, "--spacing", 4, 4, 4,
         "--allow-any-size", "--device", "cpu", "--out", tmp_path / "x.nii.gz",
     )
@@ -112,8 +111,8 @@ def test_pickled_code_checkpoint_is_refused_and_not_executed(tiny_weights, tmp_p
     assert not (tmp_path / "x.nii.gz").exists()
 
 
-def test_weights_init_cli_writes_card_and_layout(tmp_path):
-    result = run_maisi("weights", "init", "--preset", "ddpm-ct", "--width", "tiny", "--out", tmp_path / "w", "--seed", 5)
+def test_weights_init_cli_writes_card_and_layout(tmp_path, maisi):
+    result = maisi("weights", "init", "--preset", "ddpm-ct", "--width", "tiny", "--out", tmp_path / "w", "--seed", 5)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1].startswith("wrote ddpm-ct/tiny random weights, seed 5,")
     import json

@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
-from conftest import run_maisi
+from conftest import run_maisi, run_maisi_in_process
 from maisicore.models.presets import get_preset
 
 REPO_PREFIX = "nvidia/NV-Generate-CT/resolve/main"
@@ -149,8 +149,11 @@ def home(tmp_path, monkeypatch) -> Path:
     return folder
 
 
-def _download(server: FileServer, *extra) -> object:
-    return run_maisi("weights", "download", MODEL, "--base-url", server.base_url, *extra, timeout=300)
+def _download(server: FileServer, *extra, real_process: bool = False) -> object:
+    """`maisi weights download MODEL` from the server: in this process, or as the real program."""
+    if real_process:
+        return run_maisi("weights", "download", MODEL, "--base-url", server.base_url, *extra, timeout=300)
+    return run_maisi_in_process("weights", "download", MODEL, "--base-url", server.base_url, *extra)
 
 
 def _sha256(data: bytes) -> str:
@@ -201,14 +204,14 @@ def test_full_download_then_verify_path_and_list(server, home, published):
     assert (preset.key, resolved) == ("rflow-ct/official", folder)
     assert {p.name for p in check_weight_files(preset, resolved).values()} == set(published)
 
-    verify = run_maisi("weights", "verify", MODEL)
+    verify = run_maisi_in_process("weights", "verify", MODEL)
     assert verify.returncode == 0, verify.stderr
     assert verify.stdout.splitlines()[-1] == "ok: 3 file(s) match their recorded sha256"
 
-    where = run_maisi("weights", "path", MODEL)
+    where = run_maisi_in_process("weights", "path", MODEL)
     assert (where.returncode, where.stdout.strip()) == (0, str(folder))
 
-    listing = run_maisi("weights", "list", "--json")
+    listing = run_maisi_in_process("weights", "list", "--json")
     assert listing.returncode == 0, listing.stderr
     rows = {row["model"]: row for row in json.loads(listing.stdout)}
     assert set(rows) == {"rflow-ct", "ddpm-ct"}
@@ -322,7 +325,7 @@ def test_second_download_at_the_same_time_is_refused(server, home, published):
     home.mkdir()
     with open(home / ".download.lock", "a+b") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        result = _download(server, "--accept-license")
+        result = _download(server, "--accept-license")  # another process
     assert result.returncode == 2 and "another `maisi weights download`" in _one_line(result.stderr)
     assert not (home / "weights").exists() and not (home / "licenses_accepted.json").exists()
 
@@ -333,18 +336,18 @@ def test_verify_names_a_corrupted_or_missing_file(server, home, published):
     data = bytearray(controlnet.read_bytes())
     data[1000] ^= 0xFF  # same size, one byte flipped
     controlnet.write_bytes(bytes(data))
-    result = run_maisi("weights", "verify")
+    result = run_maisi_in_process("weights", "verify")
     assert result.returncode == 1
     assert f"mismatch   {controlnet} (sha256 {_sha256(bytes(data))[:16]}…" in result.stdout
     assert str(controlnet) in _one_line(result.stderr) and "verify failed" in result.stderr
 
     # Deleting it and downloading again fetches just that file, checked against the first hash.
     controlnet.unlink()
-    missing = run_maisi("weights", "verify", MODEL)
+    missing = run_maisi_in_process("weights", "verify", MODEL)
     assert missing.returncode == 1 and f"missing    {controlnet}" in missing.stdout
     assert _download(server).returncode == 0
     assert len(server.gets(WEIGHT_NAMES[2])) == 2 and len(server.gets(WEIGHT_NAMES[0])) == 1
-    assert run_maisi("weights", "verify", MODEL).returncode == 0
+    assert run_maisi_in_process("weights", "verify", MODEL).returncode == 0
 
 
 def test_changed_server_file_is_refused_against_the_recorded_hash(server, home, published, tmp_path):
@@ -367,16 +370,16 @@ def test_licence_refused_then_accepted_and_remembered_across_remove(server, home
     assert not home.exists() and server.requests == []  # nothing written, nothing asked
 
     assert _download(server, "--accept-license").returncode == 0
-    no_confirm = run_maisi("weights", "remove", MODEL)  # stdin is not a terminal: needs --yes
+    no_confirm = run_maisi_in_process("weights", "remove", MODEL)  # stdin is not a terminal: needs --yes
     assert no_confirm.returncode == 2 and "--yes" in _one_line(no_confirm.stderr)
     assert (home / "weights" / MODEL / "models" / WEIGHT_NAMES[0]).is_file()
 
-    removed = run_maisi("weights", "remove", MODEL, "--yes")
+    removed = run_maisi_in_process("weights", "remove", MODEL, "--yes")
     assert removed.returncode == 0, removed.stderr
     assert "5 file(s) deleted" in removed.stdout  # 3 checkpoints, card, hashes.json
     assert not (home / "weights" / MODEL).exists()
     assert json.loads((home / "licenses_accepted.json").read_text())[MODEL]["license"] == "NVIDIA Open Model License"
-    rows = {r["model"]: r for r in json.loads(run_maisi("weights", "list", "--json").stdout)}
+    rows = {r["model"]: r for r in json.loads(run_maisi_in_process("weights", "list", "--json").stdout)}
     assert (rows[MODEL]["installed"], rows[MODEL]["license_accepted"]) == (False, True)
 
     again = _download(server)  # no --accept-license: remembered
@@ -398,7 +401,7 @@ def test_disk_check_refuses_before_writing(server, home, published, monkeypatch)
     assert _download(server, "--accept-license").returncode == 0
 
     monkeypatch.setenv("MAISI_DISK_FREE_BYTES", "lots")
-    bad = run_maisi("weights", "download", "ddpm-ct", "--accept-license", "--base-url", server.base_url)
+    bad = run_maisi_in_process("weights", "download", "ddpm-ct", "--accept-license", "--base-url", server.base_url)
     assert bad.returncode == 2 and "MAISI_DISK_FREE_BYTES='lots'" in _one_line(bad.stderr)
     assert not (home / "weights" / "ddpm-ct").exists()
 
@@ -409,9 +412,9 @@ def test_bad_inputs_are_one_line_exit_2(server, home):
         (("weights", "download", "no-such-model"), "invalid choice"),
         (("weights", "path", "no-such-model"), "invalid choice"),
     ]:
-        result = run_maisi(*args)
+        result = run_maisi_in_process(*args)
         assert result.returncode == 2 and expected in _one_line(result.stderr), result.stderr
-    missing = run_maisi("weights", "download", MODEL, "--accept-license", "--base-url", server.base_url + "/nothing")
+    missing = run_maisi_in_process("weights", "download", MODEL, "--accept-license", "--base-url", server.base_url + "/nothing")
     assert missing.returncode == 2 and "404" in _one_line(missing.stderr)
     assert not (home / "weights").exists()
 
@@ -426,7 +429,7 @@ def test_datasets_are_downloaded_and_unpacked(server, home, published, tmp_path,
         archive.writestr("all_masks_flexible_size_and_spacing_4000/a/mask_1.nii.gz", b"mask bytes")
     monkeypatch.setenv("MAISI_WEIGHTS_BASE_URL", server.base_url)  # the mirror from the environment
 
-    result = run_maisi("weights", "download", MODEL, "--accept-license", "--include-datasets")
+    result = run_maisi_in_process("weights", "download", MODEL, "--accept-license", "--include-datasets")
     assert result.returncode == 0, result.stderr
     local = home / "datasets"
     assert (local / MASK_INDEX).read_bytes() == index
@@ -437,7 +440,7 @@ def test_datasets_are_downloaded_and_unpacked(server, home, published, tmp_path,
     assert hashes[MASK_INDEX]["sha256"] == _sha256(index)
     assert hashes[MASK_ARCHIVE]["sha256"] == _sha256((datasets / MASK_ARCHIVE).read_bytes())
     assert hashes[MASK_ARCHIVE]["unpacked_to"] == "all_masks_flexible_size_and_spacing_4000"
-    verify = run_maisi("weights", "verify", MODEL)
+    verify = run_maisi_in_process("weights", "verify", MODEL)
     assert verify.returncode == 0 and verify.stdout.splitlines()[-1] == "ok: 6 file(s) match their recorded sha256"
 
 

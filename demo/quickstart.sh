@@ -16,7 +16,8 @@ DATA=$(python Testing/fetch_test_data.py | tail -n 1)
 mkdir -p "$OUT"
 maisi labels convert --from totalsegmentator "$DATA/example_seg.nii.gz" --ct "$DATA/example_ct_sm.nii.gz" \
     --out "$OUT/labels.nii.gz"
-maisi generate --model demo --mask "$OUT/labels.nii.gz" --fit-grid --size 128 96 32 --spacing 3 3 3 \
-    --allow-any-size --on-mask-grid --seed 0 --device cpu \
+# The mask's grid (122×101×30 at 3 mm) is fitted onto the closest grid the demo model takes
+# (128×96×32) and the CT and labels are mapped back onto the mask's grid.
+maisi generate --model demo --mask "$OUT/labels.nii.gz" --seed 0 --device cpu \
     --out "$OUT/ct.nii.gz" --label-out "$OUT/ct_labels.nii.gz" --preview "$OUT/ct.png"
 maisi qc "$OUT/ct.nii.gz" --label "$OUT/ct_labels.nii.gz"

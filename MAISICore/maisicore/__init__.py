@@ -2,10 +2,11 @@
 
 Python API (arrays indexed (x, y, z), index → RAS affines in mm; see ``maisicore.io.geometry``)::
 
-    from maisicore import Volume, get_preset, load_model, plan_generation, generate
-    model = load_model(get_preset("rflow-ct", "tiny"), "weights/", device="cpu")
-    plan = plan_generation(model.preset, mask=Volume(labels, affine))
-    ct = generate(model, plan, seed=1, progress=lambda stage, done, total: ..., cancel=lambda: False)
+    from maisicore import GenerateRequest, GeneratePipeline
+    request = GenerateRequest(model="demo", mask="labels.nii.gz", seed=1, out="ct.nii.gz")
+    pipe = GeneratePipeline.from_request(request)       # the networks, loaded once
+    result = pipe(request, progress=lambda stage, done, total: ..., cancel=lambda: False)
+    result.write(request)                               # result.ct, result.labels, result.qc, ...
 
 Heavy dependencies (torch, MONAI) are imported by the submodules that need them.
 """
@@ -21,6 +22,15 @@ _API = {
     "resolve_model": "models.weights",
     "plan_generation": "pipelines.generate",
     "generate": "pipelines.generate",
+    "prepare_generation": "pipelines.generate",
+    "GeneratePipeline": "pipelines.generate",
+    "GenerateResult": "pipelines.generate",
+    "InpaintPipeline": "pipelines.inpaint",
+    "GenerateRequest": "pipelines.requests",
+    "InpaintRequest": "pipelines.requests",
+    "WeightsRequest": "pipelines.requests",
+    "read_request": "pipelines.requests",
+    "run_request": "pipelines.runner",
 }
 
 __all__ = list(_API)

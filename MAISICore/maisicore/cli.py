@@ -56,24 +56,30 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folder of the model's weight files (reference layout, models/*.pt); "
                           "default: $MAISI_HOME/weights/MODEL")
     gen.add_argument("--size", nargs=3, type=int, metavar=("X", "Y", "Z"),
-                     help="output size in voxels (default: the mask's, else 256 256 256)")
+                     help="output size in voxels (default: the mask's, else the model card's grid, else 256 256 256); "
+                          "with --mask: generate on this grid around the labels and map back")
     gen.add_argument("--spacing", nargs=3, type=float, metavar=("X", "Y", "Z"),
-                     help="voxel size in mm (default: the mask's, else 1.5 1.5 2)")
+                     help="voxel size in mm (default: the mask's, else the model card's, else 1.5 1.5 2)")
     gen.add_argument("--body-region", nargs="+", choices=BODY_REGIONS, metavar="REGION",
                      help=f"ddpm-ct only: body region(s) covered, top first ({', '.join(BODY_REGIONS)}); "
                           "default: derived from the mask")
     gen.add_argument("--mask", metavar="LABELS", help="MAISI label volume (.nii, .nii.gz, .nrrd) to follow")
-    gen.add_argument("--fit-grid", action="store_true",
-                     help="resample the mask (nearest) onto --size/--spacing, or onto the published grid closest "
-                          "to its field of view, centred on the labelled region")
+    fit = gen.add_mutually_exclusive_group()
+    fit.add_argument("--fit-grid", action="store_true",
+                     help="always resample the mask (nearest) onto --size/--spacing or the closest grid the model "
+                          "takes, and write the results on that grid (add --on-mask-grid to map them back)")
+    fit.add_argument("--no-fit", action="store_true",
+                     help="refuse a mask whose grid the model cannot take instead of fitting it (default: fit it "
+                          "onto the closest valid grid and map the CT and labels back onto the mask's grid)")
     gen.add_argument("--on-mask-grid", action="store_true",
-                     help="with --fit-grid: write the CT (and --label-out) back on the mask's own grid")
+                     help="write the CT (and --label-out) on the mask's own grid (the default when a mask is "
+                          "fitted automatically)")
     gen.add_argument("--anatomy", metavar="NAMES",
                      help="paired generation without a mask: comma-separated MAISI anatomy names (e.g. "
                           "\"liver,hepatic tumor\") a mask from --mask-db must contain")
     gen.add_argument("--mask-db", metavar="JSON",
                      help="candidate mask database (reference candidate_masks_*.json) for --anatomy; default "
-                          "$MAISI_HOME/datasets/candidate_masks_flexible_size_and_spacing_4000.json")
+                          "the index `maisi weights download MODEL --include-datasets` wrote in $MAISI_HOME/datasets")
     gen.add_argument("--mask-dir", metavar="DIR", help="folder of the database's mask files (default: the JSON's folder)")
     gen.add_argument("--label-out", metavar="LABELS", help="also write the label volume the CT was generated from")
     gen.add_argument("--qc-retries", type=int, default=0, metavar="N",
@@ -269,6 +275,19 @@ def build_parser() -> argparse.ArgumentParser:
     qc.add_argument("--json", metavar="JSON", help="also write the results as JSON")
     qc.set_defaults(handler=_cmd_qc)
 
+    run = commands.add_parser(
+        "run",
+        help="carry out a request file (generate, inpaint, weights) and write JSON-lines events: for programs",
+        description=(
+            "Carry out the request in REQUEST.json ({\"kind\": \"generate\"|\"inpaint\"|\"weights\", ...}, the fields of "
+            "maisicore.pipelines.requests) and write one JSON object per line on stdout: start, info, note, "
+            "progress (stage, done, total), result (files written, seed, qc, timings) or error (code, message). "
+            "Exit codes as for the other commands."
+        ),
+    )
+    run.add_argument("request", metavar="REQUEST.json", help="the request (JSON); - reads standard input")
+    run.set_defaults(handler=_cmd_run)
+
     _add_training_commands(commands)
     return parser
 
@@ -357,37 +376,8 @@ def _add_training_commands(commands) -> None:
     train.set_defaults(handler=_cmd_train)
 
 
-class _ProgressBars:
-    """tqdm bars on stderr for the pipeline's (stage, done, total) callbacks."""
-
-    def __init__(self):
-        self.bars = {}
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        from tqdm import tqdm
-
-        bar = self.bars.get(stage)
-        if bar is None:
-            bar = self.bars[stage] = tqdm(total=total, desc=stage, unit="step" if stage == "denoise" else "vol",
-                                          file=sys.stderr, dynamic_ncols=True)
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-
-
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _check_png(path: str | None, option: str) -> Path | None:
-    if path is None:
-        return None
-    from .io.volumes import check_output_folder
-
-    path = Path(path)
-    if not path.name.lower().endswith(".png"):
-        raise InputError(f"{option} {path}: must end with .png")
-    return check_output_folder(path, option)
 
 
 def _budget_bytes(gigabytes: float | None) -> int | None:
@@ -398,141 +388,57 @@ def _budget_bytes(gigabytes: float | None) -> int | None:
     return int(gigabytes * 2**30)
 
 
-def _paired_mask(args, preset, rng):
-    """Pick and prepare a candidate mask for --anatomy (paired generation)."""
-    from .anatomy.labels import label_table
-    from .anatomy.maskdb import load_database, prepare_mask, select_candidates
-    from .models.presets import DEFAULT_SIZE, DEFAULT_SPACING_MM
+def _generate_request(args):
+    from .pipelines.requests import GenerateRequest
 
-    mask_db, mask_dir = args.mask_db, args.mask_dir
-    if not mask_db:  # the reference's download layout under $MAISI_HOME/datasets
-        from .models.weights import default_weights_root
-
-        datasets = default_weights_root().parent / "datasets"
-        mask_db = datasets / "candidate_masks_flexible_size_and_spacing_4000.json"
-        mask_dir = mask_dir or datasets / "all_masks_flexible_size_and_spacing_4000"
-        if not mask_db.is_file():
-            raise InputError(f"--anatomy needs a candidate mask database: give --mask-db JSON (none at {mask_db})")
-    table = label_table()
-    anatomy_ids = []
-    for name in (n.strip() for n in args.anatomy.split(",") if n.strip()):
-        info = table.by_segment_name(name)
-        if info is None:
-            raise InputError(f"--anatomy {name!r}: not a MAISI anatomy name (see `maisi labels list`)")
-        anatomy_ids.append(info.id)
-    size = tuple(args.size or DEFAULT_SIZE)
-    spacing = tuple(args.spacing or DEFAULT_SPACING_MM)
-    candidates = select_candidates(load_database(mask_db, mask_dir), anatomy_ids, args.body_region, size, spacing)
-    if candidates[0][1]:  # several on the exact grid: pick among them at random (seeded)
-        order = rng.permutation(len(candidates))
-        candidates = [candidates[i] for i in order]
-    for candidate, on_grid in candidates[:10]:
-        mask = prepare_mask(candidate, on_grid, size, spacing, anatomy_ids, rng)
-        if mask is not None:
-            _say(f"mask from database: {candidate.path.name}{'' if on_grid else ' (resampled)'}")
-            return mask
-    raise InputError("no candidate mask keeps the requested anatomy after resampling; change --size or --spacing")
+    return GenerateRequest(
+        model=args.model, weights_dir=args.weights_dir, out=args.out, label_out=args.label_out, preview=args.preview,
+        mask=args.mask, anatomy=[n.strip() for n in args.anatomy.split(",")] if args.anatomy is not None else None,
+        mask_db=args.mask_db, mask_dir=args.mask_dir, size=list(args.size) if args.size else None,
+        spacing=list(args.spacing) if args.spacing else None, body_region=args.body_region,
+        fit="always" if args.fit_grid else ("never" if args.no_fit else "auto"),
+        on_mask_grid=True if args.on_mask_grid else None, seed=args.seed, steps=args.steps,
+        qc_retries=args.qc_retries, device=args.device, decode=args.decode, memory_budget_gb=args.memory_budget,
+        allow_any_size=args.allow_any_size,
+    )
 
 
 def _cmd_generate(args) -> int:
-    import numpy as np
+    from .pipelines.runner import HumanReport, run_generate
 
-    from .io.volumes import check_output_path, read_volume
-    from .models.weights import check_weight_files, resolve_model
-    from .validation import resolve_device
+    run_generate(_generate_request(args), HumanReport())
+    return 0
 
-    # 1. Check everything the user gave before building any network.
-    out = check_output_path(args.out)
-    label_out = check_output_path(args.label_out, "--label-out") if args.label_out else None
-    preview = _check_png(args.preview, "--preview")
-    if args.anatomy and args.mask:
-        raise InputError("--anatomy picks a mask from --mask-db; leave out --mask (or --anatomy)")
-    if args.on_mask_grid and not args.fit_grid:
-        raise InputError("--on-mask-grid goes with --fit-grid")
-    if args.fit_grid and not args.mask:
-        raise InputError("--fit-grid needs --mask")
-    if args.qc_retries < 0:
-        raise InputError(f"--qc-retries {args.qc_retries}: must be 0 or more")
-    if args.qc_retries and not (args.mask or args.anatomy):
-        raise InputError("--qc-retries checks organs of a mask: give --mask or --anatomy")
-    if label_out and not (args.mask or args.anatomy):
-        raise InputError("--label-out writes the labels of a mask: give --mask or --anatomy")
-    preset, weights_dir = resolve_model(args.model, args.weights_dir)
-    check_weight_files(preset, weights_dir)
-    device = resolve_device(args.device)
-    rng = np.random.default_rng(args.seed)
-    mask = read_volume(args.mask) if args.mask else None
-    size, spacing = args.size, args.spacing
-    original_grid = None
-    if args.anatomy:
-        mask = _paired_mask(args, preset, rng)
-        size = spacing = None
-    elif mask is not None and args.fit_grid:
-        from .anatomy.grids import Grid, generation_grid, labels_on_grid
-        from .validation import check_mask_values
 
-        check_mask_values(mask.array)
-        original_grid = Grid(mask.shape, mask.affine)
-        mask = labels_on_grid(mask, generation_grid(mask, size, spacing, preset.grid))
-        size = spacing = None
+def _cmd_run(args) -> int:
+    """``maisi run REQUEST.json``: JSON-lines events on stdout; errors become an error event too."""
+    from . import __version__
+    from .pipelines.requests import read_request, request_from_dict
+    from .pipelines.runner import EventReport, run_request
 
-    from .pipelines.generate import generate, plan_generation
+    report = EventReport(sys.stdout)
+    try:
+        if args.request == "-":
+            import json
 
-    plan = plan_generation(preset, size, spacing, mask, args.body_region, args.steps, args.allow_any_size)
-    for note in plan.notes:
-        _say(f"note: {note}")
-    region = f", body region {plan.body_region[0]}→{plan.body_region[1]}" if plan.body_region else ""
-    source = f", following {args.mask}" if args.mask else (f", anatomy {args.anatomy}" if args.anatomy else "")
-    _say(
-        f"{preset.key} on {device}: {'×'.join(map(str, plan.size))} voxels at "
-        f"{'×'.join(f'{s:g}' for s in plan.spacing)} mm, {plan.steps} steps, seed {args.seed}{source}{region}"
-    )
-
-    # 2. Load and run (regenerating with the next seed while the quality check fails).
-    from .models.weights import load_model
-
-    model = load_model(preset, weights_dir, device)
-    seed = args.seed
-    for attempt in range(args.qc_retries + 1):
-        ct = generate(model, plan, seed=seed, progress=_ProgressBars(), decode=args.decode,
-                      memory_budget_bytes=_budget_bytes(args.memory_budget), log=_say)
-        if not args.qc_retries:
-            break
-        from .anatomy.qc import check_ct, format_table
-
-        checks = check_ct(ct.array, mask.array)
-        if all(c.passed for c in checks):
-            _say(f"quality check passed (seed {seed})")
-            break
-        _say(format_table(checks))
-        if attempt < args.qc_retries:
-            seed += 1
-            _say(f"quality check failed; regenerating with seed {seed}")
+            try:
+                data = json.loads(sys.stdin.read())
+            except ValueError as exc:
+                raise InputError(f"request on standard input: not valid JSON ({exc})") from exc
+            request = request_from_dict(data, "request on standard input")
         else:
-            _say(f"note: quality check still failing after {args.qc_retries} retries; writing the last result")
-
-    # 3. Write (temporary file + rename).
-    from .io.geometry import Volume
-    from .io.volumes import write_volume
-
-    labels_used = Volume(mask.array.astype(np.int16), mask.affine) if mask is not None else None
-    if original_grid is not None and args.on_mask_grid:
-        from .anatomy.grids import image_on_grid, labels_on_grid
-
-        ct = image_on_grid(ct, original_grid)
-        labels_used = labels_on_grid(labels_used, original_grid)
-    write_volume(out, ct)
-    written = [str(out)]
-    if label_out is not None:
-        write_volume(label_out, labels_used)
-        written.append(str(label_out))
-    if preview is not None:
-        from .io.preview import write_preview
-
-        write_preview(preview, ct, labels_used)
-        written.append(str(preview))
-    spacing_text = "×".join(f"{s:.4g}" for s in ct.spacing)
-    print(f"wrote {', '.join(written)} (CT int16 HU, {'×'.join(map(str, ct.shape))} voxels, {spacing_text} mm; seed {seed})")
+            request = read_request(args.request)
+        report.emit("start", kind=request.kind, version=__version__, protocol=1)
+        run_request(request, report)
+    except InputError as exc:
+        report.emit("error", code=2, message=str(exc))
+        raise
+    except (Cancelled, KeyboardInterrupt):
+        report.emit("error", code=130, message="cancelled; nothing was written")
+        raise
+    except Exception as exc:
+        report.emit("error", code=1, message=f"{type(exc).__name__}: {exc}")
+        raise
     return 0
 
 
@@ -682,47 +588,16 @@ def _cmd_vae_decode(args) -> int:
 
 
 def _cmd_inpaint(args) -> int:
-    from .io.volumes import check_output_path, read_volume, write_volume
-    from .models.weights import check_weight_files, load_model, resolve_model
-    from .pipelines.inpaint import ball_tumor, check_host, inpaint, tumor_id
-    from .validation import resolve_device
+    from .pipelines.requests import InpaintRequest
+    from .pipelines.runner import HumanReport, run_inpaint
 
-    out = check_output_path(args.out)
-    label_out = check_output_path(args.label_out, "--label-out") if args.label_out else None
-    tumor_id(args.tumor_type)
-    if bool(args.tumor_mask) == (args.tumor_center is not None):
-        raise InputError("give either --tumor-mask, or --tumor-center with --tumor-diameter")
-    if args.tumor_center is not None and (args.tumor_diameter is None or args.tumor_diameter <= 0):
-        raise InputError("--tumor-center needs --tumor-diameter MM (a positive number)")
-    preset, weights_dir = resolve_model(args.model, args.weights_dir)
-    check_weight_files(preset, weights_dir)
-    device = resolve_device(args.device)
-    ct = read_volume(args.image)
-    labels = read_volume(args.labels) if args.labels else None
-    if labels is not None and not labels.same_grid(ct):
-        raise InputError(f"--labels {args.labels} is not on the image's grid (shape and affine must match)")
-    if args.tumor_mask:
-        mask_volume = read_volume(args.tumor_mask)
-        if not mask_volume.same_grid(ct):
-            raise InputError(f"--tumor-mask {args.tumor_mask} is not on the image's grid (shape and affine must match)")
-        mask = np.asarray(mask_volume.array) != 0
-        if not mask.any():
-            raise InputError(f"--tumor-mask {args.tumor_mask} is empty")
-        mask = check_host(labels, mask, args.tumor_type)
-    else:
-        mask = ball_tumor(ct, args.tumor_center, args.tumor_diameter, args.seed)
-        mask = check_host(labels, mask, args.tumor_type, args.tumor_center)
-    model = load_model(preset, weights_dir, device)
-    _say(f"{preset.key} on {device}: inpainting {args.tumor_type} ({int(mask.sum())} voxels), seed {args.seed}")
-    result = inpaint(model, ct, mask, args.tumor_type, labels, args.seed, args.steps, progress=_ProgressBars())
-    for note in result.notes:
-        _say(f"note: {note}")
-    write_volume(out, result.ct)
-    written = [str(out)]
-    if label_out is not None:
-        write_volume(label_out, result.labels)
-        written.append(str(label_out))
-    print(f"wrote {', '.join(written)} (region {'×'.join(map(str, result.roi_shape))} voxels regenerated around the tumour)")
+    request = InpaintRequest(
+        image=args.image, tumor_type=args.tumor_type, tumor_mask=args.tumor_mask,
+        tumor_center=list(args.tumor_center) if args.tumor_center is not None else None,
+        tumor_diameter=args.tumor_diameter, labels=args.labels, model=args.model, weights_dir=args.weights_dir,
+        seed=args.seed, steps=args.steps, device=args.device, out=args.out, label_out=args.label_out,
+    )
+    run_inpaint(request, HumanReport())
     return 0
 
 

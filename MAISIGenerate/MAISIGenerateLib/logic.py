@@ -5,35 +5,31 @@ overrides), building the label volume the model follows (with the body envelope)
 output grid, the command lines of the three modes, a ``GenerationJob`` that streams the worker's
 output and turns its files into new nodes, weights status and time estimates.
 What is NOT here: Qt, dialogs, views. Errors are raised (``ValueError`` for bad requests,
-``RuntimeError`` for failed runs); the widget shows them. ``maisicore`` (and so torch) is imported
-inside functions only, so importing this module is cheap.
+``RuntimeError`` for failed runs); the widget shows them. Rules and constants (presets, tumour
+region, label table) are imported from maisicore, never copied: from its torch-free modules only
+(presets and tumour rules at file scope, the rest inside functions), so importing this module and
+matching segments stay cheap and torch is never loaded in Slicer's process (the worker runs the models).
 
 Arrays handed to maisicore are (x, y, z) with the nodes' IJKToRAS as affine (see ``mrml.py``).
 """
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import slicer
+from maisicore.anatomy.tumors import ball_roi_size
+from maisicore.models.presets import MODEL_NAMES, get_preset
 
 from . import mrml
 from .parameters import FromSegmentation, InpaintTumor, RandomAnatomy, RunOptions
-from .process import (
-    WorkerProcess,
-    maisi_command,
-    run_to_end,
-    split_progress,
-    worker_environment,
-    worker_python,
-)
+from .process import WorkerProcess, parse_event, run_command, run_to_end, worker_environment, worker_python
 
 # ---- segments -> MAISI labels -------------------------------------------------------------------
 
@@ -178,22 +174,25 @@ def mask_grid(segmentation_node, reference_volume=None):
 
 
 def inpaint_region_size(volume_node, diameter_mm: float) -> tuple[int, int, int]:
-    """Voxels (x, y, z) of the region ``maisi inpaint`` regenerates around a tumour of
-    ``diameter_mm``: the tumour (up to 15 % larger than the diameter) and 24 mm of context each side,
-    rounded up to multiples of 32, at most 256 (``maisicore.pipelines.inpaint``)."""
+    """Voxels (x, y, z) of the region ``maisi inpaint`` regenerates around a ball tumour of
+    ``diameter_mm`` (mm) in ``volume_node``: ``maisicore.anatomy.tumors.ball_roi_size`` at the
+    volume's spacing."""
     spacing = np.linalg.norm(mrml.ijk_to_ras(volume_node)[:3, :3], axis=0)
-    side = (float(diameter_mm) * 1.15 + 2 * 24.0) / spacing
-    return tuple(int(min(256, 32 * np.ceil(s / 32))) for s in side)
+    return ball_roi_size(diameter_mm, spacing)
+
+
+def _preset_for(model: str):
+    """The preset of a named model; rflow-ct's for ``demo`` (a tiny rflow-ct) and weight folders
+    (whose card only the worker reads)."""
+    return get_preset(model if model in MODEL_NAMES else "rflow-ct")
 
 
 def suggest_grid(labels, model: str = "rflow-ct") -> tuple[tuple[int, int, int], tuple[float, float, float]]:
     """The published output grid closest to the labels' field of view: (size (x, y, z) voxels,
     spacing (x, y, z) mm), axes along the labels' closest RAS axes (``maisicore.anatomy.grids``)."""
     from maisicore.anatomy.grids import closest_valid_grid
-    from maisicore.models.presets import get_preset
 
-    preset = get_preset(model if model in ("rflow-ct", "ddpm-ct") else "rflow-ct")
-    grid = closest_valid_grid(labels, preset.grid)
+    grid = closest_valid_grid(labels, _preset_for(model).grid)
     return tuple(int(s) for s in grid.shape), tuple(round(float(s), 4) for s in grid.spacing)
 
 
@@ -205,16 +204,17 @@ def suggest_grid(labels, model: str = "rflow-ct") -> tuple[tuple[int, int, int],
 # Shown to the user as an order of magnitude only.
 SECONDS_PER_LATENT_VOXEL_STEP = {"cpu": 1.0e-4, "cuda": 2e-6}
 SECONDS_PER_IMAGE_VOXEL_DECODE = {"cpu": 1.6e-5, "cuda": 3.2e-7}
-DEFAULT_STEPS = {"rflow-ct": 30, "ddpm-ct": 1000}
 
 
 def estimate_seconds(size, steps: int | None, model: str = "rflow-ct", device: str = "cpu") -> float:
     """Order-of-magnitude run time (s) of one generation at ``size`` (x, y, z) voxels with the
-    official-width model on ``device`` ('cpu' or 'cuda')."""
+    official-width model on ``device`` ('cpu' or 'cuda'); ``steps`` None: the model's default."""
     kind = "cuda" if str(device).startswith("cuda") else "cpu"
-    steps = steps or DEFAULT_STEPS.get(model, 30)
+    preset = _preset_for(model)
+    steps = steps or preset.scheduler.default_steps
     voxels = float(np.prod(size))
-    return steps * voxels / 64.0 * SECONDS_PER_LATENT_VOXEL_STEP[kind] + voxels * SECONDS_PER_IMAGE_VOXEL_DECODE[kind]
+    latent_voxels = voxels / preset.vae_downsample**3
+    return steps * latent_voxels * SECONDS_PER_LATENT_VOXEL_STEP[kind] + voxels * SECONDS_PER_IMAGE_VOXEL_DECODE[kind]
 
 
 def format_duration(seconds: float) -> str:
@@ -240,33 +240,60 @@ class GenerationResult:
 
 
 class GenerationJob:
-    """One worker run. Poll it (``poll``), then call ``finish`` once ``done``; or ``cancel``.
+    """One worker run (``maisi run REQUEST.json``). Poll it (``poll``), then call ``finish`` once
+    ``done``; or ``cancel``.
 
-    The job owns a temporary folder with the worker's inputs and outputs; ``finish`` and ``cancel``
-    delete it. No node is created before ``finish``, so a cancelled or failed run leaves the scene as
-    it was."""
+    The job owns a temporary folder with the request, the worker's inputs and outputs; ``finish`` and
+    ``cancel`` delete it. No node is created before ``finish``, so a cancelled or failed run leaves the
+    scene as it was. The worker's events (``maisicore.pipelines.runner``) update ``progress``, ``log``,
+    ``result_event`` and ``error_event``."""
 
-    def __init__(self, command: list[str], workdir: Path, make_result: Callable[[GenerationJob], GenerationResult]):
-        self.command = command
+    def __init__(self, request, python: list[str], workdir: Path,
+                 make_result: Callable[[GenerationJob], GenerationResult] | None = None):
+        from maisicore.pipelines.requests import write_request
+
+        self.request = request
         self.workdir = workdir
+        self.request_file = workdir / "request.json"
+        write_request(self.request_file, request)
+        self.command = run_command(python, self.request_file)
         self._make_result = make_result
         self.log: list[str] = []
         self.progress: tuple[str, int, int] | None = None
+        self.result_event: dict | None = None
+        self.error_event: dict | None = None
         self.label_build: LabelBuild | None = None  # from-segmentation runs: how the segments were matched
-        self.worker = WorkerProcess(command, env=worker_environment())
+        self.worker = WorkerProcess(self.command, env=worker_environment())
 
     @property
     def done(self) -> bool:
         """The worker has exited and its output has been read."""
         return self.worker.finished_reading()
 
+    def handle(self, event: dict) -> str | None:
+        """Take one event; returns the line to show the user, if any."""
+        kind = event.get("event")
+        if kind == "progress":
+            self.progress = (str(event["stage"]), int(event["done"]), int(event["total"]))
+            return None
+        if kind == "result":
+            self.result_event = event
+            return event.get("message")
+        if kind == "error":
+            self.error_event = event
+            return f"error: {event.get('message')}"
+        if kind == "note":
+            return f"note: {event.get('message')}"
+        if kind == "info":
+            return event.get("message")
+        return None
+
     def poll(self) -> list[str]:
-        """New output lines since the last call (progress lines update ``progress`` and are not returned)."""
+        """New lines to show since the last call (events are taken; progress updates ``progress``)."""
         new = []
         for line in self.worker.read_lines():
-            parsed, text = split_progress(line)
-            if parsed is not None:
-                self.progress = parsed
+            event = parse_event(line)
+            text = self.handle(event) if event is not None else line
             if text:
                 new.append(text)
         self.log += new
@@ -282,16 +309,18 @@ class GenerationJob:
 
     def finish(self) -> GenerationResult:
         """Wait for the worker, then read its outputs into new nodes. Raises RuntimeError with the
-        worker's last lines when it failed. Always deletes the temporary folder."""
+        worker's error (or last lines) when it failed. Always deletes the temporary folder."""
         try:
             code = self.worker.wait()
             self.poll()
             if self.worker.cancelled:
                 raise RuntimeError("the run was cancelled")
-            if code != 0:
+            if code != 0 or self.result_event is None:
+                if self.error_event is not None:
+                    raise RuntimeError(f"maisi failed (exit code {code}): {self.error_event.get('message')}")
                 tail = "\n".join(self.log[-8:]) or "(no output)"
                 raise RuntimeError(f"maisi failed (exit code {code}):\n{tail}")
-            result = self._make_result(self)
+            result = self._make_result(self) if self._make_result else GenerationResult(None, None)
             result.log = list(self.log)
             return result
         finally:
@@ -309,18 +338,13 @@ class GenerationJob:
 
 
 def _model_label(options: RunOptions) -> str:
-    return options.model if options.model in ("rflow-ct", "ddpm-ct") else Path(options.model).name
+    return options.model if options.model in MODEL_NAMES else Path(options.model).name
 
 
-def _common_args(options: RunOptions) -> list:
-    args = ["--model", options.model]
-    if options.weights_dir:
-        args += ["--weights-dir", options.weights_dir]
-    args += ["--seed", int(options.seed)]
-    if options.steps:
-        args += ["--steps", int(options.steps)]
-    args += ["--device", options.device or "auto"]
-    return args
+def _model_options(options: RunOptions) -> dict:
+    """The request fields every mode shares."""
+    return {"model": options.model, "weights_dir": options.weights_dir, "seed": int(options.seed),
+            "steps": int(options.steps) if options.steps else None, "device": options.device or "auto"}
 
 
 def _unique_name(base: str) -> str:
@@ -341,10 +365,6 @@ class GenerateLogic:
     suggest_grid = staticmethod(suggest_grid)
     inpaint_region_size = staticmethod(inpaint_region_size)
     estimate_seconds = staticmethod(estimate_seconds)
-
-    def command(self, *args) -> list[str]:
-        """``[python, -m, maisicore, *args]``."""
-        return maisi_command(self.python, *args)
 
     # ---- starting runs
     def start(self, source, options: RunOptions) -> GenerationJob:
@@ -368,9 +388,22 @@ class GenerateLogic:
         """Blocking run (batch scripts, tests, self-tests): start, stream, finish. Returns None when
         ``should_cancel`` stopped it (nothing added to the scene)."""
         job = self.start(source, options)
-        if log is not None:
-            log(" ".join(job.command))
-        run_to_end(job.worker, log, progress, should_cancel)
+
+        def on_event(event: dict) -> None:
+            text = job.handle(event)
+            if text:
+                job.log.append(text)
+                if log is not None:
+                    log(text)
+            if progress is not None and event.get("event") == "progress":
+                progress(*job.progress)
+
+        def on_line(line: str) -> None:
+            job.log.append(line)
+            if log is not None:
+                log(line)
+
+        run_to_end(job.worker, on_event, on_line, should_cancel)
         if job.worker.cancelled:
             job.cleanup()
             return None
@@ -378,36 +411,38 @@ class GenerateLogic:
 
     def _start_from_segmentation(self, source: FromSegmentation, options: RunOptions, workdir: Path) -> GenerationJob:
         from maisicore.io.volumes import write_volume
+        from maisicore.pipelines.requests import GenerateRequest
 
         if source.segmentation is None:
             raise ValueError("choose a segmentation")
+        if (source.size is None) != (source.spacing is None):
+            raise ValueError("give both the output size and spacing, or neither")
         build = labels_from_segmentation(source.segmentation, source.reference_volume, source.overrides, source.add_body)
         mask_file, labels_file, ct_file = workdir / "mask.nrrd", workdir / "labels.nrrd", workdir / "ct.nrrd"
         write_volume(mask_file, build.labels)
-        args = ["generate", *_common_args(options), "--mask", mask_file, "--label-out", labels_file, "--out", ct_file]
-        if source.fit_grid:
-            args += ["--fit-grid", "--on-mask-grid"]
-            if source.size is not None or source.spacing is not None:
-                if source.size is None or source.spacing is None:
-                    raise ValueError("give both the output size and spacing, or neither")
-                args += ["--size", *map(int, source.size), "--spacing", *map(float, source.spacing)]
-        if options.allow_any_size:
-            args.append("--allow-any-size")
+        sized = source.fit_grid and source.size is not None
+        request = GenerateRequest(
+            **_model_options(options), mask=str(mask_file), label_out=str(labels_file), out=str(ct_file),
+            fit="always" if source.fit_grid else "auto", on_mask_grid=True,  # results always on the mask's grid
+            size=[int(s) for s in source.size] if sized else None,
+            spacing=[float(s) for s in source.spacing] if sized else None,
+            allow_any_size=bool(options.allow_any_size),
+        )
         name = f"MAISI {_model_label(options)} seed {options.seed}"
         reference = source.reference_volume
 
         def make_result(job: GenerationJob) -> GenerationResult:
             return self._read_outputs(ct_file, labels_file, name, reference)
 
-        job = GenerationJob(self.command(*args), workdir, make_result)
+        job = GenerationJob(request, self.python, workdir, make_result)
         job.log.append(build.summary())
         job.label_build = build
         return job
 
     def _start_random(self, source: RandomAnatomy, options: RunOptions, workdir: Path) -> GenerationJob:
+        from maisicore.pipelines.requests import GenerateRequest
+
         ct_file, labels_file = workdir / "ct.nrrd", workdir / "labels.nrrd"
-        args = ["generate", *_common_args(options), "--size", *map(int, source.size),
-                "--spacing", *map(float, source.spacing), "--out", ct_file]
         anatomy = [a.strip() for a in source.anatomy if a.strip()]
         if anatomy:
             from maisicore.anatomy.labels import label_table
@@ -415,54 +450,55 @@ class GenerateLogic:
             unknown = [a for a in anatomy if label_table().by_segment_name(a) is None]
             if unknown:
                 raise ValueError(f"not MAISI anatomy names: {', '.join(map(repr, unknown))} (see `maisi labels list`)")
-            args += ["--anatomy", ",".join(anatomy), "--label-out", labels_file]
-            if source.mask_db:
-                args += ["--mask-db", source.mask_db]
-        if source.body_regions:
-            args += ["--body-region", *source.body_regions]
-        if options.allow_any_size:
-            args.append("--allow-any-size")
+        request = GenerateRequest(
+            **_model_options(options), out=str(ct_file), size=[int(s) for s in source.size],
+            spacing=[float(s) for s in source.spacing], anatomy=anatomy or None,
+            label_out=str(labels_file) if anatomy else None, mask_db=source.mask_db if anatomy else None,
+            body_region=list(source.body_regions) or None, allow_any_size=bool(options.allow_any_size),
+        )
         name = f"MAISI {_model_label(options)} seed {options.seed}"
 
         def make_result(job: GenerationJob) -> GenerationResult:
             return self._read_outputs(ct_file, labels_file if anatomy else None, name, None)
 
-        return GenerationJob(self.command(*args), workdir, make_result)
+        return GenerationJob(request, self.python, workdir, make_result)
 
     def _start_inpaint(self, source: InpaintTumor, options: RunOptions, workdir: Path) -> GenerationJob:
         from maisicore.io.geometry import Volume
         from maisicore.io.volumes import write_volume
+        from maisicore.pipelines.requests import InpaintRequest
 
         if source.volume is None:
             raise ValueError("choose the CT volume to inpaint")
         image_file, ct_file, labels_file = workdir / "image.nrrd", workdir / "ct.nrrd", workdir / "labels.nrrd"
         write_volume(image_file, mrml.volume_from_node(source.volume))
-        args = ["inpaint", "--image", image_file, "--tumor-type", source.tumor_type]
+        tumor = {}
         if source.tumor_segmentation is not None and source.tumor_segment_id:
             masks, affine = mrml.segment_masks(source.tumor_segmentation, [source.tumor_segment_id], source.volume)
             mask = masks[source.tumor_segment_id]
             if not mask.any():
                 raise ValueError(f"the tumour segment {source.tumor_segment_id!r} is empty on the CT's grid")
             write_volume(workdir / "tumor.nrrd", Volume(mask.astype(np.uint8), affine))
-            args += ["--tumor-mask", workdir / "tumor.nrrd"]
+            tumor["tumor_mask"] = str(workdir / "tumor.nrrd")
         elif source.center_ras is not None:
             if not source.diameter_mm or source.diameter_mm <= 0:
                 raise ValueError("give the tumour diameter (mm) with the tumour point")
-            args += ["--tumor-center", *map(float, source.center_ras), "--tumor-diameter", float(source.diameter_mm)]
+            tumor.update(tumor_center=[float(c) for c in source.center_ras], tumor_diameter=float(source.diameter_mm))
         else:
             raise ValueError("give a tumour segment, or a point and a diameter")
         if source.anatomy_segmentation is not None:
             build = labels_from_segmentation(source.anatomy_segmentation, source.volume, source.overrides, True)
             write_volume(workdir / "anatomy.nrrd", build.labels)
-            args += ["--labels", workdir / "anatomy.nrrd"]
-        args += [*_common_args(options), "--out", ct_file, "--label-out", labels_file]
+            tumor["labels"] = str(workdir / "anatomy.nrrd")
+        request = InpaintRequest(image=str(image_file), tumor_type=source.tumor_type, **tumor, **_model_options(options),
+                                 out=str(ct_file), label_out=str(labels_file))
         name = f"{source.volume.GetName()} + {source.tumor_type} (MAISI {_model_label(options)} seed {options.seed})"
         reference = source.volume
 
         def make_result(job: GenerationJob) -> GenerationResult:
             return self._read_outputs(ct_file, labels_file, name, reference)
 
-        return GenerationJob(self.command(*args), workdir, make_result)
+        return GenerationJob(request, self.python, workdir, make_result)
 
     @staticmethod
     def _read_outputs(ct_file: Path, labels_file: Path | None, name: str, reference) -> GenerationResult:
@@ -483,35 +519,39 @@ class GenerateLogic:
                 raise
         return GenerationResult(volume_node, segmentation_node)
 
-    # ---- weights
-    def weights_status(self, timeout_s: float = 60) -> list[dict]:
-        """``maisi weights list --json``: one dict per model ({"model", "installed", "path",
-        "license", "license_url", "license_accepted", ...}). Raises RuntimeError when it fails."""
-        result = subprocess.run(self.command("weights", "list", "--json"), capture_output=True, text=True,
-                                env=worker_environment(), timeout=timeout_s, check=False)
-        if result.returncode != 0:
-            message = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise RuntimeError(f"`maisi weights list` failed: {message}")
+    # ---- weights (through the same worker and events)
+    def _weights_job(self, action: str, model: str | None = None) -> GenerationJob:
+        from maisicore.pipelines.requests import WeightsRequest
+
+        request = WeightsRequest(action=action, model=model, accept_license=action == "download")
+        return GenerationJob(request, self.python, Path(tempfile.mkdtemp(prefix="maisi-weights-")))
+
+    def _weights_result(self, action: str, model: str | None, timeout_s: float) -> dict:
+        job = self._weights_job(action, model)
         try:
-            rows = json.loads(result.stdout)
-        except ValueError as exc:
-            raise RuntimeError(f"`maisi weights list --json` printed no JSON ({exc})") from exc
-        return rows if isinstance(rows, list) else rows.get("models", [])
+            deadline = time.monotonic() + timeout_s
+            run_to_end(job.worker, job.handle, job.log.append,
+                       should_cancel=lambda: time.monotonic() > deadline)
+            if job.worker.cancelled:
+                raise RuntimeError(f"`maisi weights {action}` took longer than {timeout_s:g} s")
+            if job.result_event is None:
+                message = (job.error_event or {}).get("message") or (job.log[-1] if job.log else "(no output)")
+                raise RuntimeError(f"`maisi weights {action}` failed: {message}")
+            return job.result_event
+        finally:
+            job.cleanup()
 
-    def weights_download_command(self, model: str) -> list[str]:
-        """``maisi weights download MODEL --accept-license``: run only after the user accepted the licence."""
-        return self.command("weights", "download", model, "--accept-license")
+    def weights_status(self, timeout_s: float = 60) -> list[dict]:
+        """Every official model's status ({"model", "installed", "path", "license", "license_url",
+        "license_accepted", ...}). Raises RuntimeError when it fails."""
+        return list(self._weights_result("list", None, timeout_s)["details"]["models"])
 
-    def start_weights_download(self, model: str) -> WorkerProcess:
-        """Start the download (after the user has accepted the licence); poll it like a generation."""
-        return WorkerProcess(self.weights_download_command(model), env=worker_environment())
+    def start_weights_download(self, model: str) -> GenerationJob:
+        """Start downloading ``model``'s official weights, the licence accepted by the user (the
+        request says so); poll it like a generation (``poll``, ``done``, ``finish``, ``cancel``)."""
+        return self._weights_job("download", model)
 
     def remove_weights(self, model: str, timeout_s: float = 120) -> str:
-        """``maisi weights remove MODEL --yes``: delete a downloaded model from the cache (after the
-        user confirmed). Returns the program's last line; RuntimeError when it fails."""
-        result = subprocess.run(self.command("weights", "remove", model, "--yes"), capture_output=True, text=True,
-                                env=worker_environment(), timeout=timeout_s, check=False)
-        lines = (result.stdout + result.stderr).strip().splitlines() or ["(no output)"]
-        if result.returncode != 0:
-            raise RuntimeError(f"`maisi weights remove {model}` failed: {lines[-1]}")
-        return lines[-1]
+        """Delete a downloaded model from the cache (after the user confirmed). Returns the worker's
+        result line; RuntimeError when it fails."""
+        return str(self._weights_result("remove", model, timeout_s).get("message", ""))

@@ -1,23 +1,30 @@
 """What a MAISIGenerate run is asked to do: plain dataclasses (nodes as values), filled by the
-module's parameter node in Slicer or directly by batch scripts and tests. No Qt, no maisicore."""
+module's parameter node in Slicer or directly by batch scripts and tests. No Qt. The choices
+(models, tumour types, body regions) and defaults are maisicore's, imported from its torch-free
+modules (``models.presets``, ``anatomy.tumors``): this file is loaded at Slicer's start-up."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from maisicore.anatomy.tumors import TUMOR_TYPES
+from maisicore.models.presets import BODY_REGIONS, DEFAULT_SIZE, DEFAULT_SPACING_MM, DEMO_MODEL, MODEL_NAMES
+
+__all__ = ["MODES", "DEVICES", "MODELS", "TUMOR_TYPES", "BODY_REGIONS", "DEFAULT_SIZE", "DEFAULT_SPACING_MM",
+           "RunOptions", "FromSegmentation", "RandomAnatomy", "InpaintTumor"]
+
 MODES = ("segmentation", "random", "inpaint")
 DEVICES = ("auto", "cpu", "cuda")
-TUMOR_TYPES = ("hepatic tumor", "pancreatic tumor", "lung tumor", "colon cancer primaries", "bone lesion")
-BODY_REGIONS = ("head", "chest", "abdomen", "lower")
+MODELS = (*MODEL_NAMES, DEMO_MODEL)  # the named models; a weight folder is the other choice
 
 
 @dataclass
 class RunOptions:
     """Model and sampling options common to every mode.
 
-    model: ``rflow-ct``, ``ddpm-ct`` or a weight folder with a ``maisi_model.json`` card.
+    model: ``rflow-ct``, ``ddpm-ct``, ``demo`` or a weight folder with a ``maisi_model.json`` card.
     weights_dir: folder of the model's weights (None: the maisi cache, ``$MAISI_HOME/weights/MODEL``).
-    steps: denoising steps (None: the model's default, 30 for rflow-ct, 1000 for ddpm-ct).
+    steps: denoising steps (None: the model's default, its preset's ``scheduler.default_steps``).
     device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
     allow_any_size: accept sizes that are multiples of 32 and any spacing (tiny models, tests).
     """
@@ -61,8 +68,8 @@ class RandomAnatomy:
 
     anatomy: tuple[str, ...] = ()
     body_regions: tuple[str, ...] = ()
-    size: tuple[int, int, int] = (256, 256, 256)
-    spacing: tuple[float, float, float] = (1.5, 1.5, 2.0)
+    size: tuple[int, int, int] = DEFAULT_SIZE
+    spacing: tuple[float, float, float] = DEFAULT_SPACING_MM
     mask_db: str | None = None
 
 

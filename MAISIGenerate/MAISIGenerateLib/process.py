@@ -1,18 +1,18 @@
-"""Child processes for the MAISI modules: the `maisi` program run by Slicer's Python, its output
-streamed line by line, its progress parsed, and the whole process tree killed on cancel.
+"""Child processes for the MAISI modules: ``maisi run REQUEST.json`` run by Slicer's Python, its
+JSON-lines events read as they come, and the whole process tree killed on cancel.
 
-What lives here: building ``python -m maisicore ...`` command lines and their environment, a
-``WorkerProcess`` (own session/process group, output read on a thread), and progress parsing.
-What is NOT here: anything Qt. The module widgets poll ``WorkerProcess.read_lines()`` from a timer;
-batch scripts and tests call ``run_to_end``.
+What lives here: the worker's command line and environment, a ``WorkerProcess`` (own
+session/process group, output read on a thread), and reading the worker's events (the protocol of
+``maisicore.pipelines.runner``). What is NOT here: anything Qt. The module widgets poll
+``WorkerProcess.read_lines()`` from a timer; batch scripts and tests call ``run_to_end``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import queue
-import re
 import shutil
 import signal
 import subprocess
@@ -22,24 +22,17 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-# tqdm's bar as the maisi program writes it on stderr: "denoise:  40%|████      | 12/30 [...]".
-_PROGRESS = re.compile(
-    r"^\s*(?P<stage>[A-Za-z][\w .-]*?):\s+\d+%\|[^|]*\|\s*(?P<done>\d+)/(?P<total>\d+)(?:\s*\[[^\]]*\])?"
-)
 
-
-def parse_progress(line: str) -> tuple[str, int, int] | None:
-    """(stage, done, total) from a tqdm progress line of the maisi program, else None."""
-    return split_progress(line)[0]
-
-
-def split_progress(line: str) -> tuple[tuple[str, int, int] | None, str]:
-    """A tqdm progress line split into (stage, done, total) and the text written after the bar on
-    the same line (a message printed while the bar was open); (None, line) for other lines."""
-    match = _PROGRESS.match(line)
-    if match is None:
-        return None, line
-    return (match.group("stage"), int(match.group("done")), int(match.group("total"))), line[match.end():].strip()
+def parse_event(line: str) -> dict | None:
+    """The event of one output line of ``maisi run`` (a JSON object with an ``"event"``), else None
+    (other output, e.g. a library's warning on stderr)."""
+    if not line.startswith("{"):
+        return None
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) and "event" in event else None
 
 
 def worker_python() -> list[str]:
@@ -74,9 +67,9 @@ def worker_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def maisi_command(python: Sequence[str], *args) -> list[str]:
-    """``python -m maisicore ARGS`` as a list of strings."""
-    return [*python, "-m", "maisicore", *(str(a) for a in args)]
+def run_command(python: Sequence[str], request_file: str | os.PathLike) -> list[str]:
+    """The worker's command: ``python -m maisicore run REQUEST.json`` (JSON-lines events on stdout)."""
+    return [*python, "-m", "maisicore", "run", str(request_file)]
 
 
 class WorkerProcess:
@@ -196,21 +189,22 @@ def group_alive(pgid: int) -> bool:
 
 def run_to_end(
     worker: WorkerProcess,
+    on_event: Callable[[dict], None] | None = None,
     log: Callable[[str], None] | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     poll_s: float = 0.05,
 ) -> int:
-    """Block until ``worker`` ends, passing each output line to ``log`` and parsed progress to
-    ``progress``; cancel (kill the tree) as soon as ``should_cancel()`` is true. Returns the exit status."""
+    """Block until ``worker`` ends, passing each event to ``on_event`` and every other output line to
+    ``log``; cancel (kill the tree) as soon as ``should_cancel()`` is true. Returns the exit status."""
     while True:
         done = worker.finished_reading()
         for line in worker.read_lines():
-            parsed, text = split_progress(line)
-            if parsed is not None and progress is not None:
-                progress(*parsed)
-            if text and log is not None:
-                log(text)
+            event = parse_event(line)
+            if event is not None:
+                if on_event is not None:
+                    on_event(event)
+            elif log is not None:
+                log(line)
         if done:
             return worker.wait()
         if should_cancel is not None and should_cancel():

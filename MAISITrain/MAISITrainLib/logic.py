@@ -16,14 +16,20 @@ from pathlib import Path
 
 import numpy as np
 import slicer
-from MAISIGenerateLib.process import (
-    WorkerProcess,
-    maisi_command,
-    worker_environment,
-    worker_python,
-)
+from maisicore.models.presets import MODEL_NAMES, WIDTHS
+from maisicore.training.config import STAGES as TRAINING_STAGES
+from MAISIGenerateLib.process import WorkerProcess, worker_environment, worker_python
 
-STAGES = ("vae", "diffusion", "controlnet", "controlnet-finetune")
+
+def maisi_command(python, *args) -> list[str]:
+    """``python -m maisicore ARGS``: training runs keep the command line, whose run folder
+    (metrics.jsonl, checkpoints) is their machine contract."""
+    return [*python, "-m", "maisicore", *(str(a) for a in args)]
+
+
+# `maisi train`'s stages, plus the ControlNet stage started from a weight folder with its loss
+# weighted on a new tumour class (run as `maisi train controlnet --init ... --weighted-labels ...`).
+STAGES = (*TRAINING_STAGES, "controlnet-finetune")
 STAGE_TITLES = {
     "vae": "VAE (autoencoder)",
     "diffusion": "Diffusion UNet",
@@ -75,6 +81,10 @@ class TrainRequest:
         """Raise ValueError naming the field when the request cannot run."""
         if self.stage not in STAGES:
             raise ValueError(f"stage {self.stage!r}: choose one of {', '.join(STAGES)}")
+        if self.model not in MODEL_NAMES:
+            raise ValueError(f"model {self.model!r}: choose one of {', '.join(MODEL_NAMES)}")
+        if self.width not in WIDTHS:
+            raise ValueError(f"width {self.width!r}: choose one of {', '.join(WIDTHS)}")
         if not self.out_dir:
             raise ValueError("choose an output folder")
         if not self.datalist and not self.images_dir:

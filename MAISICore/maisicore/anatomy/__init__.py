@@ -1,1 +1,1 @@
-"""Anatomy: the MAISI label table, conversion of segmentations, body envelope, grids, the candidate-mask database and the organ HU quality check. Nothing here imports torch at file scope."""
+"""Anatomy: the MAISI label table, tumour types and their inpainting region, conversion of segmentations, body envelope, grids, the candidate-mask database and the organ HU quality check. Nothing here imports torch at file scope."""

@@ -1,6 +1,7 @@
 """MAISI label vocabulary: the one label table (``data/maisi_labels.json``) with ids, names,
 TotalSegmentator v2 class names, synonyms, SNOMED-CT codes and colours; name and Slicer terminology
-lookups; ControlNet encoding of label volumes; and the body region of a mask.
+lookups; and the body region of a mask. The ControlNet's encoding of label volumes is
+``maisicore.diffusion.conditioning.binarize_labels``: nothing here imports torch.
 
 The table holds NVIDIA's ``configs/label_dict.json`` vocabulary: 132 classes (1..132, including
 ``dummy1``..``dummy8``) plus ``body`` = 200; 0 is background.
@@ -15,7 +16,6 @@ from functools import lru_cache
 from importlib import resources
 
 import numpy as np
-import torch
 
 from ..models.presets import BODY_REGIONS
 
@@ -53,16 +53,6 @@ def unknown_label_ids(labels: np.ndarray) -> list[int]:
     present = np.unique(labels)
     valid = valid_label_ids()
     return sorted(int(v) for v in present if int(v) not in valid)
-
-
-def binarize_labels(labels: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """ControlNet condition: label ids (B, 1, X, Y, Z) integer -> (B, bits, X, Y, Z) uint8 bit planes,
-    least significant bit first (reference encoding)."""
-    if labels.ndim != 5 or labels.shape[1] != 1:
-        raise ValueError(f"labels must be (B, 1, X, Y, Z), got {tuple(labels.shape)}")
-    weights = 2 ** torch.arange(bits, device=labels.device, dtype=labels.dtype)
-    planes = labels.unsqueeze(-1).bitwise_and(weights).ne(0).to(torch.uint8)  # (B, 1, X, Y, Z, bits)
-    return planes.squeeze(1).permute(0, 4, 1, 2, 3).contiguous()
 
 
 def body_region_from_mask(labels: np.ndarray) -> tuple[str, str] | None:

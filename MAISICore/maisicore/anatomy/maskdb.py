@@ -25,6 +25,14 @@ from ..models.presets import BODY_REGIONS
 from .grids import grid_around, labels_on_grid
 from .labels import label_table
 
+# The candidate-mask index each model's reference configuration uses (environment_*.json:
+# all_mask_files_json) and the folder of mask files both indexes name (all_mask_files_base_dir),
+# both under $MAISI_HOME/datasets where `maisi weights download --include-datasets` puts them.
+CANDIDATE_MASK_INDEX = {
+    "rflow-ct": "candidate_masks_flexible_size_and_spacing_4000.json",
+    "ddpm-ct": "candidate_masks_flexible_size_and_spacing_3000.json",
+}
+MASK_FILES_FOLDER = "all_masks_flexible_size_and_spacing_4000"
 MIN_TUMOR_SIZE_RATIO = 0.8
 UPSAMPLE_LIMIT_VOXELS = 128  # a candidate this much smaller than the output is not upsampled
 
@@ -38,6 +46,13 @@ class Candidate:
     shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
     region_span: tuple[int, int] | None  # (top, bottom) indices into BODY_REGIONS
+
+
+def default_mask_database(model: str) -> tuple[Path, Path]:
+    """(index JSON, mask folder) that ``maisi weights download MODEL --include-datasets`` writes."""
+    from ..paths import datasets_dir
+
+    return datasets_dir() / CANDIDATE_MASK_INDEX[model], datasets_dir() / MASK_FILES_FOLDER
 
 
 def load_database(json_path: str | os.PathLike, mask_dir: str | os.PathLike | None = None) -> list[Candidate]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
 from ..errors import Cancelled
+from ..models.presets import ModelPreset
 from .schedulers import Schedule, Step
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -49,3 +51,35 @@ def sample(
         if callback is not None:
             callback(step.index + 1, total)
     return x
+
+
+def initial_noise(latent_shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+    """Standard normal latent (1, *latent_shape), rounded to float16 like the reference, on CPU."""
+    return torch.randn((1, *latent_shape), generator=generator).half()
+
+
+@dataclass
+class SamplingStart:
+    """Where a sampling run starts: the noise latent on its device, the schedule, and the random
+    source of stochastic steps (DDPM)."""
+
+    noise: torch.Tensor
+    schedule: Schedule
+    step_generator: torch.Generator
+
+
+def start_sampling(
+    preset: ModelPreset, device: torch.device, latent_shape: Sequence[int], steps: int, seed: int
+) -> SamplingStart:
+    """The one sampler set-up of generation and inpainting, deterministic for ``seed``.
+
+    Noise is drawn on the CPU from ``seed`` and rounded to float16 as the reference does; on CUDA it
+    stays float16 (the reference's dtype under autocast), on CPU it is float32 (CPU runs in float32).
+    DDPM's per-step noise comes from the same CPU generator on CPU, from a CUDA generator seeded
+    ``seed + 1`` on CUDA.
+    """
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    noise = initial_noise(latent_shape, generator)
+    noise = noise.to(device) if device.type == "cuda" else noise.float()
+    step_generator = generator if device.type == "cpu" else torch.Generator(device).manual_seed(int(seed) + 1)
+    return SamplingStart(noise, Schedule(preset, steps, tuple(latent_shape[1:])), step_generator)

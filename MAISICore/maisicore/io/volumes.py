@@ -6,6 +6,7 @@ file beside the target and are renamed into place, so a failure never leaves a h
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from collections.abc import Callable
@@ -154,4 +155,23 @@ def _write_nrrd(tmp: str, volume: Volume) -> None:
         "kinds": ["domain", "domain", "domain"],
         "encoding": "gzip",
     }
-    nrrd.write(tmp, np.asarray(volume.array), header, index_order="F")
+    with open(tmp, "wb") as raw:
+        nrrd.write(_WithoutWriteTime(raw), np.asarray(volume.array), header, index_order="F")
+
+
+class _WithoutWriteTime(io.RawIOBase):
+    """A binary file that drops pynrrd's "# on DATE(GMT)." header comment, so the same volume
+    always gives the same bytes (reproducible outputs, byte-identical across front ends)."""
+
+    def __init__(self, file):
+        super().__init__()
+        self._file = file
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        if data.startswith(b"# on ") and data.endswith(b"(GMT).\n"):
+            return len(data)
+        return self._file.write(data)

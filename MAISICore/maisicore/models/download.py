@@ -38,8 +38,10 @@ from http.client import HTTPException
 from pathlib import Path, PurePosixPath
 
 from .. import __version__
+from ..anatomy.maskdb import CANDIDATE_MASK_INDEX, MASK_FILES_FOLDER
 from ..errors import InputError
 from ..io.volumes import atomic_write
+from ..paths import DATASETS_SUBDIR, maisi_home
 from .presets import MODEL_NAMES, get_preset
 from .weights import MODEL_CARD, MODELS_SUBDIR, default_weights_root
 
@@ -51,7 +53,6 @@ BASE_URL_ENV = "MAISI_WEIGHTS_BASE_URL"
 DISK_FREE_ENV = "MAISI_DISK_FREE_BYTES"  # simulated free disk space, bytes (tests)
 HASHES_FILE = "hashes.json"
 LICENSES_FILE = "licenses_accepted.json"
-DATASETS_SUBDIR = "datasets"
 PART_SUFFIX = ".part"
 VALIDATOR_SUFFIX = ".validator"  # beside NAME.part: the ETag/Last-Modified it was started from
 LOCK_FILE = ".download.lock"
@@ -127,16 +128,13 @@ _APPROX_BYTES = {
 _ANATOMY_SIZES = RemoteFile(f"{DATASETS_SUBDIR}/all_anatomy_size_conditions.json", _APPROX_BYTES[
     "all_anatomy_size_conditions.json"])
 _MASK_ARCHIVE = RemoteFile(
-    f"{DATASETS_SUBDIR}/all_masks_flexible_size_and_spacing_4000.zip",
+    f"{DATASETS_SUBDIR}/{MASK_FILES_FOLDER}.zip",
     approx_bytes=11_600_000_000,
     unpack=True,
     approx_unpacked_bytes=14_000_000_000,
 )
-# The candidate-mask index each model's reference configuration uses (environment_*.json).
-_MASK_INDEX = {
-    "rflow-ct": f"{DATASETS_SUBDIR}/candidate_masks_flexible_size_and_spacing_4000.json",
-    "ddpm-ct": f"{DATASETS_SUBDIR}/candidate_masks_flexible_size_and_spacing_3000.json",
-}
+# The candidate-mask index each model's reference configuration uses (anatomy.maskdb).
+_MASK_INDEX = {name: f"{DATASETS_SUBDIR}/{index}" for name, index in CANDIDATE_MASK_INDEX.items()}
 
 
 def _official_model(name: str) -> OfficialModel:
@@ -157,11 +155,6 @@ def official_model(name: str) -> OfficialModel:
 
 
 # ---- places -------------------------------------------------------------------------------------
-
-
-def maisi_home() -> Path:
-    """``$MAISI_HOME`` (default ``~/.maisi``): the parent of the weights cache."""
-    return default_weights_root().parent
 
 
 def model_dir(name: str) -> Path:

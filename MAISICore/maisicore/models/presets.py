@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MODEL_NAMES = ("rflow-ct", "ddpm-ct")
+DEMO_MODEL = "demo"  # the bundled tiny rflow-ct weights (``maisicore.models.weights.demo_weights_dir``)
 WIDTHS = ("official", "tiny")
 BODY_REGIONS = ("head", "chest", "abdomen", "lower")
 CT_MODALITY = 1  # modality_mapping.json: "ct": 1
@@ -238,4 +239,6 @@ def discriminator_kwargs(width: str = "official") -> dict[str, Any]:
 # Reference inference defaults (config_infer.json) when neither a mask nor a size is given.
 DEFAULT_SIZE = (256, 256, 256)
 DEFAULT_SPACING_MM = (1.5, 1.5, 2.0)
-DEFAULT_BODY_REGION = ("chest",)  # ddpm-ct without --body-region or a mask
+# ddpm-ct without --body-region or a mask: config_infer.json's body_region. On purpose not the
+# chest→abdomen of the reference's image-only script (config_maisi_diff_model_ddpm-ct.json).
+DEFAULT_BODY_REGION = ("chest",)

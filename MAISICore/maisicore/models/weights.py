@@ -24,7 +24,7 @@ import torch
 from ..errors import InputError
 from ..io.volumes import atomic_write
 from .networks import build_autoencoder, build_controlnet, build_diffusion_unet
-from .presets import MODEL_NAMES, WIDTHS, ModelPreset, get_preset
+from .presets import DEMO_MODEL, MODEL_NAMES, WIDTHS, ModelPreset, get_preset
 
 MODEL_CARD = "maisi_model.json"
 MODELS_SUBDIR = "models"
@@ -32,7 +32,9 @@ MODELS_SUBDIR = "models"
 
 def default_weights_root() -> Path:
     """Folder of downloaded weight sets: ``$MAISI_HOME/weights`` (default ``~/.maisi/weights``)."""
-    return Path(os.environ.get("MAISI_HOME", Path.home() / ".maisi")) / "weights"
+    from ..paths import weights_root
+
+    return weights_root()
 
 
 def weight_file(weights_dir: Path, name: str) -> Path:
@@ -56,9 +58,6 @@ def read_model_card(weights_dir: Path) -> dict | None:
     if data.get("model") not in MODEL_NAMES or data.get("width", "official") not in WIDTHS:
         raise InputError(f"{card}: 'model' must be one of {MODEL_NAMES} and 'width' one of {WIDTHS}")
     return data
-
-
-DEMO_MODEL = "demo"
 
 
 def demo_weights_dir() -> Path:

@@ -15,19 +15,19 @@ put back, so the output has the mask's array shape and exact affine.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from ..anatomy.grids import Grid, generation_grid, grid_around, image_on_grid, labels_on_grid
 from ..anatomy.labels import (
     BACKGROUND,
-    binarize_labels,
     body_region_from_mask,
-    region_one_hot,
 )
-from ..diffusion.sampling import sample
-from ..diffusion.schedulers import Schedule
+from ..diffusion.conditioning import controlnet_condition, unet_inputs
+from ..diffusion.sampling import sample, start_sampling
 from ..errors import Cancelled, InputError
 from ..io.geometry import (
     Reorientation,
@@ -47,6 +47,7 @@ from ..models.presets import (
 from ..models.weights import LoadedModel
 from ..vae.decode import autocast_for, decode_latents, unit_to_hu
 from ..validation import check_body_regions, check_grid, check_mask_values, check_steps
+from .requests import GenerateRequest
 
 HU_BACKGROUND = -1000
 
@@ -141,34 +142,22 @@ def plan_generation(
     return GenerationPlan(size, spacing, steps, labels, region, output_affine, reorientation, notes)
 
 
-def initial_noise(latent_shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
-    """Standard normal latent (1, *latent_shape), rounded to float16 like the reference, on CPU."""
-    return torch.randn((1, *latent_shape), generator=generator).half()
+def plan_conditions(preset: ModelPreset, plan: GenerationPlan, device: torch.device, dtype: torch.dtype):
+    """The UNet's keyword inputs and the ControlNet condition (or None without a mask) for a plan
+    (``maisicore.diffusion.conditioning``, as in training)."""
+    unet_kwargs = unet_inputs(preset, [plan.spacing], [CT_MODALITY], [plan.body_region] if plan.body_region else None,
+                              device=device, dtype=dtype, half_rounded=True)
+    condition = None
+    if plan.labels is not None:
+        condition = controlnet_condition(torch.from_numpy(plan.labels)[None, None], preset, device, dtype)
+    return unet_kwargs, condition
 
 
 def make_denoise_fn(model: LoadedModel, plan: GenerationPlan):
     """Fold every condition of the plan into ``denoise_fn(x, t) -> prediction`` for ``sample``."""
-    preset = model.preset
-    device = model.device
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    unet_kwargs: dict[str, torch.Tensor] = {
-        # spacing enters the UNet in units of 0.01 mm (reference: float16 spacing × 100)
-        "spacing_tensor": (torch.tensor([plan.spacing]).half() * 100).to(device, dtype),
-    }
-    class_labels = None
-    if preset.uses_modality:
-        class_labels = torch.full((1,), CT_MODALITY, dtype=torch.long, device=device)
-        unet_kwargs["class_labels"] = class_labels
-    if preset.uses_body_region:
-        top, bottom = plan.body_region
-        unet_kwargs["top_region_index_tensor"] = (torch.tensor([region_one_hot(top)]).half() * 100).to(device, dtype)
-        unet_kwargs["bottom_region_index_tensor"] = (torch.tensor([region_one_hot(bottom)]).half() * 100).to(
-            device, dtype
-        )
-    condition = None
-    if plan.labels is not None:
-        labels = torch.from_numpy(plan.labels)[None, None]
-        condition = binarize_labels(labels, preset.label_bits).to(device, dtype)
+    dtype = torch.float16 if model.device.type == "cuda" else torch.float32
+    unet_kwargs, condition = plan_conditions(model.preset, plan, model.device, dtype)
+    class_labels = unet_kwargs.get("class_labels")
 
     def denoise_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         residuals = {}
@@ -189,15 +178,11 @@ def generate_latents(
     cancel: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
     """Denoised latent (1, 4, X/4, Y/4, Z/4) for ``plan``, deterministic for a given ``seed`` and device."""
-    device = model.device
-    generator = torch.Generator("cpu").manual_seed(int(seed))
-    noise = initial_noise(plan.latent_shape, generator)
-    x = noise.to(device) if device.type == "cuda" else noise.float()
-    step_generator = generator if device.type == "cpu" else torch.Generator(device).manual_seed(int(seed) + 1)
-    schedule = Schedule(model.preset, plan.steps, plan.latent_shape[1:])
+    sampling = start_sampling(model.preset, model.device, plan.latent_shape, plan.steps, seed)
     callback = (lambda done, total: progress("denoise", done, total)) if progress else None
-    with autocast_for(device):
-        return sample(make_denoise_fn(model, plan), x, schedule, step_generator, callback, cancel)
+    with autocast_for(model.device):
+        return sample(make_denoise_fn(model, plan), sampling.noise, sampling.schedule, sampling.step_generator,
+                      callback, cancel)
 
 
 def latents_to_ct(
@@ -248,3 +233,216 @@ def generate(
     if progress:
         progress("decode", 1, 1)
     return ct
+
+
+# ---- the request → pipeline → result path ----------------------------------------------------------
+
+
+@dataclass
+class PreparedGeneration:
+    """A checked ``GenerateRequest``: outputs checked, mask read (or picked from the database) and
+    fitted, plan made. No network has been built."""
+
+    request: GenerateRequest
+    preset: ModelPreset
+    weights_dir: Path
+    plan: GenerationPlan
+    mask: Volume | None  # the labels the model follows (on the generation grid), or None
+    original_grid: Grid | None  # the mask's own grid when it was fitted onto another, else None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GenerateResult:
+    """What a generation produced: the CT (int16 HU) and the labels it followed, on the grid the
+    request asked for; the seed that was used (QC retries move it on), the quality-check rows,
+    notes and seconds per stage."""
+
+    ct: Volume
+    labels: Volume | None
+    seed_used: int
+    qc: list | None
+    notes: list[str]
+    timings: dict[str, float]
+    plan: GenerationPlan
+
+    def write(self, request: GenerateRequest) -> dict[str, Path]:
+        """Write the request's outputs (each to a temporary file, then renamed); role → path."""
+        from ..io.volumes import write_volume
+
+        written: dict[str, Path] = {}
+        if request.out:
+            written["ct"] = write_volume(request.out, self.ct)
+        if request.label_out and self.labels is not None:
+            written["labels"] = write_volume(request.label_out, self.labels)
+        if request.preview:
+            from ..io.preview import write_preview
+
+            write_preview(request.preview, self.ct, self.labels)
+            written["preview"] = Path(request.preview)
+        return written
+
+
+def _fit_target(mask: Volume, request: GenerateRequest, preset: ModelPreset, any_size: bool) -> Grid:
+    """The grid a mask is fitted onto: ``size``/``spacing`` when given, else the closest grid the
+    model takes (published grids; for models that take any multiple of 32: the mask's spacing with
+    each size rounded to the nearest multiple)."""
+    if request.size is not None or request.spacing is not None:
+        return generation_grid(mask, request.size, request.spacing, preset.grid)
+    if any_size:
+        ras, _ = to_closest_ras(mask)
+        multiple = preset.grid.any_size_multiple
+        shape = tuple(max(multiple, int(round(n / multiple)) * multiple) for n in ras.shape)
+        return grid_around(mask, shape, ras.spacing)
+    return generation_grid(mask, None, None, preset.grid)
+
+
+def _grid_problem(mask: Volume, preset: ModelPreset, any_size: bool, regions) -> str | None:
+    """Why the model cannot take the mask's grid as it is (one line), or None."""
+    ras, _ = to_closest_ras(mask)
+    try:
+        check_grid(ras.shape, ras.spacing, preset.grid, any_size, regions)
+    except InputError as exc:
+        return str(exc)
+    return None
+
+
+def prepare_generation(
+    request: GenerateRequest, mask: Volume | None = None, log: Callable[[str], None] | None = None
+) -> PreparedGeneration:
+    """Check a request completely before any network is built; raises a one-line ``InputError``.
+
+    ``mask`` (Python API): a label ``Volume`` used instead of ``request.mask``. Reads the mask (or
+    picks one from the candidate database for ``request.anatomy``), fits it onto a grid the model
+    takes when needed (``request.fit``) and plans the sampling.
+    """
+    from ..io.volumes import check_output_path, read_volume
+    from ..models.weights import check_weight_files, read_model_card, resolve_model
+    from .safety import check_output_paths
+
+    request.check(has_mask_volume=mask is not None)
+    check_output_paths(request)
+    if request.out:
+        check_output_path(request.out, "--out")
+    if request.label_out:
+        check_output_path(request.label_out, "--label-out")
+    preset, weights_dir = resolve_model(request.model, request.weights_dir)
+    check_weight_files(preset, weights_dir)
+    card_grid = (read_model_card(weights_dir) or {}).get("grid")
+    any_size = request.allow_any_size or card_grid is not None
+    default_size = tuple(card_grid["size"]) if card_grid else DEFAULT_SIZE
+    default_spacing = tuple(card_grid["spacing"]) if card_grid else DEFAULT_SPACING_MM
+    notes: list[str] = []
+    size, spacing = request.size, request.spacing
+    original_grid = None
+    if mask is None and request.mask:
+        mask = read_volume(request.mask)
+    if request.anatomy:
+        from .paired import paired_mask
+
+        mask = paired_mask(request, preset, tuple(size or default_size), tuple(spacing or default_spacing), log)
+        size = spacing = None
+    elif mask is not None:
+        check_mask_values(mask.array)
+        problem = _grid_problem(mask, preset, any_size, request.body_region)
+        resize = size is not None or spacing is not None
+        if request.fit == "never" and problem:
+            raise InputError(f"{problem.rstrip('.')}; leave out --no-fit (or use --fit-grid) to fit the mask onto a valid grid")
+        if request.fit == "always" or (request.fit == "auto" and (problem or resize)):
+            original_grid = Grid(mask.shape, mask.affine.copy())
+            grid = _fit_target(mask, request, preset, any_size)
+            mask = labels_on_grid(mask, grid)
+            back = " and mapped back onto the mask's grid" if request.maps_back else ""
+            notes.append(
+                f"mask grid {'×'.join(map(str, original_grid.shape))} at "
+                f"{'×'.join(f'{s:.4g}' for s in original_grid.spacing)} mm fitted onto "
+                f"{'×'.join(map(str, grid.shape))} at {'×'.join(f'{s:.4g}' for s in grid.spacing)} mm "
+                f"around the labelled region{back}"
+            )
+            size = spacing = None
+    elif size is None and spacing is None:
+        size, spacing = default_size, default_spacing
+    plan = plan_generation(preset, size, spacing, mask, request.body_region, request.steps, any_size)
+    if card_grid is not None and not request.allow_any_size:  # the model card allows its own grids
+        plan.notes = [n for n in plan.notes if not n.startswith("--allow-any-size")]
+    plan.notes = notes + plan.notes
+    return PreparedGeneration(request, preset, weights_dir, plan, mask, original_grid, plan.notes)
+
+
+class GeneratePipeline:
+    """Every stage of a generation, owned by one object with the networks loaded once:
+    prepare (check, mask, grid) → sample → decode → quality check and retries → map back.
+
+    >>> pipe = GeneratePipeline.from_request(GenerateRequest(model="demo"))
+    >>> result = pipe(GenerateRequest(model="demo", mask="labels.nii.gz"))   # result.ct, result.labels
+    """
+
+    def __init__(self, model: LoadedModel):
+        self.model = model
+
+    @classmethod
+    def from_request(cls, request: GenerateRequest, device: str | None = None) -> GeneratePipeline:
+        """Load the request's model (``request.model``/``weights_dir``) onto ``device``
+        (default ``request.device``)."""
+        from ..models.weights import check_weight_files, load_model, resolve_model
+        from ..validation import resolve_device
+
+        preset, weights_dir = resolve_model(request.model, request.weights_dir)
+        check_weight_files(preset, weights_dir)
+        return cls(load_model(preset, weights_dir, resolve_device(device or request.device)))
+
+    def prepare(self, request: GenerateRequest, mask: Volume | None = None, log=None) -> PreparedGeneration:
+        """``prepare_generation`` for this pipeline's model (refuses a request for another model)."""
+        prepared = prepare_generation(request, mask, log)
+        if prepared.preset != self.model.preset or prepared.weights_dir.resolve() != self.model.weights_dir.resolve():
+            raise InputError(
+                f"this pipeline holds {self.model.preset.key} from {self.model.weights_dir}; the request asks for "
+                f"{prepared.preset.key} from {prepared.weights_dir}"
+            )
+        return prepared
+
+    def __call__(
+        self,
+        request: GenerateRequest | PreparedGeneration,
+        mask: Volume | None = None,
+        progress: ProgressFn | None = None,
+        cancel: Callable[[], bool] | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> GenerateResult:
+        """Run a request (or a prepared one) to a result; nothing is written (``result.write``)."""
+        import time
+
+        prepared = request if isinstance(request, PreparedGeneration) else self.prepare(request, mask, log)
+        request, plan = prepared.request, prepared.plan
+        budget = None if request.memory_budget_gb is None else int(request.memory_budget_gb * 2**30)
+        timings: dict[str, float] = {}
+        notes = list(prepared.notes)
+        seed, checks = request.seed, None
+        for attempt in range(request.qc_retries + 1):
+            started = time.perf_counter()
+            ct = generate(self.model, plan, seed=seed, progress=progress, cancel=cancel, decode=request.decode,
+                          memory_budget_bytes=budget, log=log)
+            timings["generate_s"] = timings.get("generate_s", 0.0) + time.perf_counter() - started
+            if not request.qc_retries:
+                break
+            from ..anatomy.qc import check_ct, format_table
+
+            checks = check_ct(ct.array, prepared.mask.array)
+            if all(c.passed for c in checks):
+                notes.append(f"quality check passed (seed {seed})")
+                break
+            if log:
+                log(format_table(checks))
+            if attempt < request.qc_retries:
+                seed += 1
+                notes.append(f"quality check failed; regenerated with seed {seed}")
+                if log:
+                    log(f"quality check failed; regenerating with seed {seed}")
+            else:
+                notes.append(f"quality check still failing after {request.qc_retries} retries; the last result is kept")
+        mask = prepared.mask
+        labels = Volume(mask.array.astype(np.int16), mask.affine.copy()) if mask is not None else None
+        if prepared.original_grid is not None and request.maps_back:
+            ct = image_on_grid(ct, prepared.original_grid)
+            labels = labels_on_grid(labels, prepared.original_grid)
+        return GenerateResult(ct, labels, seed, checks, notes, timings, plan)

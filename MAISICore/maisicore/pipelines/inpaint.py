@@ -24,44 +24,27 @@ import numpy as np
 import torch
 
 from ..anatomy.labels import label_table
-from ..diffusion.sampling import sample
-from ..diffusion.schedulers import Schedule
+from ..anatomy.tumors import (
+    CONTEXT_MM,
+    GRID_MULTIPLE,
+    MAX_ROI_VOXELS,
+    TUMOR_HOSTS,
+    ball_roi_side,
+    largest_ball_diameter,
+    tumor_host_ids,
+    tumor_id,
+)
+from ..diffusion.sampling import sample, start_sampling
 from ..errors import Cancelled, InputError
 from ..io.geometry import Volume, to_closest_ras, undo_reorientation
 from ..models.weights import LoadedModel
 from ..vae.decode import autocast_for, decode_latents, hu_to_unit, unit_to_hu
-from .generate import GenerationPlan, initial_noise, make_denoise_fn
+from .generate import GenerationPlan, make_denoise_fn
+from .requests import InpaintRequest
 
-CONTEXT_MM = 24.0  # context kept around the tumour on each side
+# Tumour types, host organs, the ROI constants and size rule live in ``maisicore.anatomy.tumors``
+# (torch-free, shared with the Slicer module).
 FEATHER_VOXELS = 2  # the blend band outside the tumour
-MAX_ROI_VOXELS = 256  # the largest side the ROI may have
-GRID_MULTIPLE = 32
-
-
-TUMOR_HOSTS = {  # tumour type (MAISI name) → its host organ group
-    "hepatic tumor": "liver",
-    "pancreatic tumor": "pancreas",
-    "lung tumor": "lung",
-    "colon cancer primaries": "colon",
-    "bone lesion": "bone",
-}
-
-
-def tumor_host_ids() -> dict[str, tuple[int, ...]]:
-    """Tumour type (MAISI name) → host organ label ids (organ groups of the quality check)."""
-    from ..anatomy.qc import organ_groups
-
-    groups = dict(organ_groups(), colon=(label_table().by_name("colon").id,))
-    return {tumor: groups[host] for tumor, host in TUMOR_HOSTS.items()}
-
-
-def tumor_id(tumor_type: str) -> int:
-    """MAISI id of a tumour type (name, synonym); refuses anything that is not a tumour."""
-    info = label_table().by_segment_name(tumor_type)
-    if info is None or not info.tumor:
-        names = ", ".join(f'"{n}"' for n in tumor_host_ids())
-        raise InputError(f"--tumor-type {tumor_type!r}: not a tumour type; choose one of {names}")
-    return info.id
 
 
 def ball_tumor(ct: Volume, center_ras, diameter_mm: float, seed: int) -> np.ndarray:
@@ -70,9 +53,9 @@ def ball_tumor(ct: Volume, center_ras, diameter_mm: float, seed: int) -> np.ndar
     from scipy import ndimage
 
     spacing = np.asarray(ct.spacing)
-    side = np.ceil((diameter_mm * 1.15 + 2 * CONTEXT_MM) / spacing.min())
+    side = np.ceil(ball_roi_side(diameter_mm, spacing.min()))
     if side > MAX_ROI_VOXELS:
-        largest = (MAX_ROI_VOXELS * spacing.min() - 2 * CONTEXT_MM) / 1.15
+        largest = largest_ball_diameter(spacing.min())
         raise InputError(
             f"--tumor-diameter {diameter_mm:g} mm is too large for the inpainting region ({int(side)} voxels per side "
             f"at {spacing.min():g} mm, at most {MAX_ROI_VOXELS}); use at most {largest:.0f} mm"
@@ -202,18 +185,17 @@ def inpaint(
         output_affine=np.eye(4),
         reorientation=None,
     )
-    generator = torch.Generator("cpu").manual_seed(int(seed))
-    noise = initial_noise(plan.latent_shape, generator).to(device, known.dtype if device.type == "cuda" else torch.float32)
-    schedule = Schedule(model.preset, plan.steps, plan.latent_shape[1:])
+    sampling = start_sampling(model.preset, device, plan.latent_shape, plan.steps, seed)
+    noise, schedule = sampling.noise, sampling.schedule
     known = known.to(noise.dtype)
 
     def put_back_known(x: torch.Tensor, step) -> torch.Tensor:
         return latent_edit * x + (1 - latent_edit) * schedule.noised(known, noise, step.next_t)
 
     callback = (lambda done, total: progress("denoise", done, total)) if progress else None
-    step_generator = generator if device.type == "cpu" else torch.Generator(device).manual_seed(int(seed) + 1)
     with torch.no_grad(), autocast_for(device):
-        latents = sample(make_denoise_fn(model, plan), noise, schedule, step_generator, callback, cancel, put_back_known)
+        latents = sample(make_denoise_fn(model, plan), noise, schedule, sampling.step_generator, callback, cancel,
+                         put_back_known)
     if cancel is not None and cancel():
         raise Cancelled("cancelled by the user")
 
@@ -281,3 +263,96 @@ def check_host(labels: Volume | None, tumor_mask: np.ndarray, tumor_type: str, c
             f"{int(tumor_mask.sum())} voxels inside; reduce --tumor-diameter or move it"
         )
     return clipped
+
+
+# ---- the request → pipeline → result path ----------------------------------------------------------
+
+
+@dataclass
+class PreparedInpaint:
+    """A checked ``InpaintRequest``: the CT, anatomy labels and tumour mask read and checked
+    (tumour inside its host organ). No network has been built."""
+
+    request: InpaintRequest
+    preset: object  # ModelPreset
+    weights_dir: object  # Path
+    ct: Volume
+    labels: Volume | None
+    tumor_mask: np.ndarray  # bool (x, y, z) on the CT's grid
+
+
+def prepare_inpaint(request: InpaintRequest, image: Volume | None = None) -> PreparedInpaint:
+    """Check an inpainting request completely before any network is built (one-line ``InputError``).
+    ``image`` (Python API): a CT ``Volume`` used instead of ``request.image``."""
+    from ..io.volumes import check_output_path, read_volume
+    from ..models.weights import check_weight_files, resolve_model
+    from .safety import check_output_paths
+
+    request.check(has_image_volume=image is not None)
+    check_output_paths(request)
+    if request.out:
+        check_output_path(request.out, "--out")
+    if request.label_out:
+        check_output_path(request.label_out, "--label-out")
+    tumor_id(request.tumor_type)
+    preset, weights_dir = resolve_model(request.model, request.weights_dir)
+    check_weight_files(preset, weights_dir)
+    ct = image if image is not None else read_volume(request.image)
+    labels = read_volume(request.labels) if request.labels else None
+    if labels is not None and not labels.same_grid(ct):
+        raise InputError(f"--labels {request.labels} is not on the image's grid (shape and affine must match)")
+    if request.tumor_mask:
+        mask_volume = read_volume(request.tumor_mask)
+        if not mask_volume.same_grid(ct):
+            raise InputError(f"--tumor-mask {request.tumor_mask} is not on the image's grid (shape and affine must match)")
+        mask = np.asarray(mask_volume.array) != 0
+        if not mask.any():
+            raise InputError(f"--tumor-mask {request.tumor_mask} is empty")
+        mask = check_host(labels, mask, request.tumor_type)
+    else:
+        mask = ball_tumor(ct, request.tumor_center, request.tumor_diameter, request.seed)
+        mask = check_host(labels, mask, request.tumor_type, request.tumor_center)
+    return PreparedInpaint(request, preset, weights_dir, ct, labels, mask)
+
+
+class InpaintPipeline:
+    """Tumour inpainting with the networks loaded once: prepare (read, host check) → encode the
+    region → denoise with latent blending → decode → composite."""
+
+    def __init__(self, model: LoadedModel):
+        self.model = model
+
+    @classmethod
+    def from_request(cls, request: InpaintRequest, device: str | None = None) -> InpaintPipeline:
+        """Load the request's model onto ``device`` (default ``request.device``)."""
+        from ..models.weights import check_weight_files, load_model, resolve_model
+        from ..validation import resolve_device
+
+        preset, weights_dir = resolve_model(request.model, request.weights_dir)
+        check_weight_files(preset, weights_dir)
+        return cls(load_model(preset, weights_dir, resolve_device(device or request.device)))
+
+    def __call__(
+        self,
+        request: InpaintRequest | PreparedInpaint,
+        image: Volume | None = None,
+        progress: Callable[[str, int, int], None] | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ) -> InpaintResult:
+        """Run a request (or a prepared one); nothing is written (``write_inpaint_result``)."""
+        prepared = request if isinstance(request, PreparedInpaint) else prepare_inpaint(request, image)
+        r = prepared.request
+        return inpaint(self.model, prepared.ct, prepared.tumor_mask, r.tumor_type, prepared.labels, r.seed, r.steps,
+                       progress=progress, cancel=cancel)
+
+
+def write_inpaint_result(result: InpaintResult, request: InpaintRequest) -> dict[str, object]:
+    """Write the request's outputs (temporary file + rename each); role → path."""
+    from ..io.volumes import write_volume
+
+    written = {}
+    if request.out:
+        written["ct"] = write_volume(request.out, result.ct)
+    if request.label_out:
+        written["labels"] = write_volume(request.label_out, result.labels)
+    return written

@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..anatomy.labels import binarize_labels, region_one_hot
+from ..diffusion.conditioning import controlnet_condition, unet_inputs
+from ..diffusion.schedulers import Schedule
 from ..errors import InputError
 from ..models.networks import (
     build_autoencoder,
     build_controlnet,
     build_diffusion_unet,
-    build_scheduler,
 )
 from ..models.presets import CT_MODALITY, ModelPreset, discriminator_kwargs
 from ..models.weights import (
@@ -234,48 +234,30 @@ class LatentStage(Stage):
 
     def __init__(self, preset, config, processes, total_steps):
         super().__init__(preset, config, processes, total_steps)
-        self.noise_scheduler = build_scheduler(preset)
+        self.schedule = Schedule(preset)
+        self.noise_scheduler = self.schedule.scheduler
 
     def noise_and_timesteps(self, samples: list[Sample], shape) -> tuple[torch.Tensor, torch.Tensor]:
         noise = torch.stack([torch.randn(shape, generator=s.generator) for s in samples])
-        if self.preset.scheduler.kind == "rflow":
-            from monai.networks.schedulers.rectified_flow import timestep_transform
-
-            scheduler = self.noise_scheduler
-            u = torch.cat([torch.rand((1,), generator=s.generator) for s in samples])
-            t = u * scheduler.num_train_timesteps
-            if scheduler.use_discrete_timesteps:
-                t = t.long()
-            if scheduler.use_timestep_transform:  # as MONAI's sample_timesteps (which uses the global RNG)
-                t = timestep_transform(t, input_img_size_numel=torch.prod(torch.tensor(shape[1:])),
-                                       base_img_size_numel=scheduler.base_img_size_numel,
-                                       num_train_timesteps=scheduler.num_train_timesteps, spatial_dim=3)
-        else:
-            t = torch.cat([torch.randint(0, self.noise_scheduler.num_train_timesteps, (1,), generator=s.generator)
-                           for s in samples]).long()
+        t = self.schedule.training_timesteps([s.generator for s in samples], shape)
         return noise.to(self.device), t.to(self.device)
 
     def conditions(self, samples: list[Sample], train: bool) -> dict[str, torch.Tensor]:
-        spacing = torch.tensor([s.case.spacing for s in samples], dtype=torch.float32) * 100
-        kwargs = {"spacing_tensor": spacing.to(self.device)}
+        codes = None
         if self.preset.uses_modality:
-            labels = []
+            codes = []
             for s in samples:
                 code = MODALITY_CODES.get(s.case.modality)
                 if code is None:
                     raise InputError(f"{s.case.latent}: modality {s.case.modality!r} is not one this model knows ({', '.join(MODALITY_CODES)})")
                 dropped = train and float(torch.rand((1,), generator=s.generator)) < self.config.modality_dropout
-                labels.append(0 if dropped else code)
-            kwargs["class_labels"] = torch.tensor(labels, dtype=torch.long, device=self.device)
-        if self.preset.uses_body_region:
-            top = [region_one_hot(s.case.body_region[0]) for s in samples]
-            bottom = [region_one_hot(s.case.body_region[-1]) for s in samples]
-            kwargs["top_region_index_tensor"] = (torch.tensor(top) * 100).to(self.device)
-            kwargs["bottom_region_index_tensor"] = (torch.tensor(bottom) * 100).to(self.device)
-        return kwargs
+                codes.append(0 if dropped else code)
+        regions = [s.case.body_region for s in samples] if self.preset.uses_body_region else None
+        return unet_inputs(self.preset, [s.case.spacing for s in samples], codes, regions,
+                           device=self.device, half_rounded=False)
 
     def target(self, clean: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return clean - noise if self.preset.scheduler.kind == "rflow" else noise
+        return self.schedule.training_target(clean, noise)
 
     def set_scale_factor(self, samples: list[Sample], first_index: int, global_batch: int) -> float:
         """1 / std of the first global batch's latents (reference), over all processes: per-sample
@@ -390,7 +372,7 @@ class ControlNetStage(LatentStage):
         latents, noise, t, noisy = self.batch(samples)
         labels = torch.stack([s.labels for s in samples]).to(self.device)
         conditions = self.conditions(samples, train)
-        condition = binarize_labels(labels, self.preset.label_bits).float()
+        condition = controlnet_condition(labels, self.preset)
         down, mid = self.modules["controlnet"](x=noisy, timesteps=t, controlnet_cond=condition,
                                               class_labels=conditions.get("class_labels"))
         prediction = self.unet(x=noisy, timesteps=t, **conditions, down_block_additional_residuals=down,

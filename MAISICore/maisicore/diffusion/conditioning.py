@@ -1,0 +1,66 @@
+"""Network conditioning: how label masks, spacing, modality and body region become the UNet/ControlNet inputs, for inference and training alike."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..anatomy.labels import region_one_hot
+from ..models.presets import ModelPreset
+
+
+def binarize_labels(labels: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """ControlNet condition: label ids (B, 1, X, Y, Z) integer -> (B, bits, X, Y, Z) uint8 bit planes,
+    least significant bit first (reference encoding)."""
+    if labels.ndim != 5 or labels.shape[1] != 1:
+        raise ValueError(f"labels must be (B, 1, X, Y, Z), got {tuple(labels.shape)}")
+    weights = 2 ** torch.arange(bits, device=labels.device, dtype=labels.dtype)
+    planes = labels.unsqueeze(-1).bitwise_and(weights).ne(0).to(torch.uint8)  # (B, 1, X, Y, Z, bits)
+    return planes.squeeze(1).permute(0, 4, 1, 2, 3).contiguous()
+
+
+def unet_inputs(
+    preset: ModelPreset,
+    spacings_mm: Sequence[Sequence[float]],
+    modality_codes: Sequence[int] | None = None,
+    body_regions: Sequence[Sequence[str]] | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    half_rounded: bool,
+) -> dict[str, torch.Tensor]:
+    """Keyword inputs of the diffusion UNet (and ``class_labels`` of the ControlNet) for a batch.
+
+    Args:
+        spacings_mm: one (x, y, z) voxel size per sample, mm; the UNet takes them ×100 (0.01 mm units).
+        modality_codes: one code per sample (``modality_mapping.json``; CT = 1, 0 = dropped in
+            training) for models conditioned on the modality; ignored by the others.
+        body_regions: one (top, …, bottom) region list per sample for models conditioned on the body
+            region (ddpm-ct); the UNet takes one-hot vectors ×100.
+        half_rounded: round spacing and region vectors through float16 first. The reference does so
+            at inference (``torch.FloatTensor(spacing).half() * 1e2``) but not in training, and we
+            follow it in both places so that latents stay bit-identical with NVIDIA's code.
+        dtype: the dtype of the float inputs on ``device`` (float16 under CUDA autocast, as the reference).
+    """
+
+    def scaled(rows) -> torch.Tensor:
+        values = torch.tensor([list(map(float, r)) for r in rows], dtype=torch.float32)
+        return ((values.half() if half_rounded else values) * 100).to(device, dtype)
+
+    inputs = {"spacing_tensor": scaled(spacings_mm)}
+    if preset.uses_modality:
+        if modality_codes is None:
+            raise ValueError(f"{preset.name} is conditioned on the modality: give modality_codes")
+        inputs["class_labels"] = torch.tensor([int(c) for c in modality_codes], dtype=torch.long, device=device)
+    if preset.uses_body_region:
+        if body_regions is None:
+            raise ValueError(f"{preset.name} is conditioned on the body region: give body_regions")
+        inputs["top_region_index_tensor"] = scaled([region_one_hot(r[0]) for r in body_regions])
+        inputs["bottom_region_index_tensor"] = scaled([region_one_hot(r[-1]) for r in body_regions])
+    return inputs
+
+
+def controlnet_condition(labels: torch.Tensor, preset: ModelPreset, device=None, dtype=torch.float32) -> torch.Tensor:
+    """The ControlNet's condition for label ids (B, 1, X, Y, Z): 8 bit planes as ``dtype`` on ``device``."""
+    return binarize_labels(labels, preset.label_bits).to(device or labels.device, dtype)

@@ -1,0 +1,39 @@
+"""Output safety shared by every command: an output never replaces an input or another output."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import InputError
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        try:
+            return os.path.samefile(a, b)
+        except OSError:
+            return False
+    return a.resolve() == b.resolve()
+
+
+def check_distinct(outputs: dict[str, str], inputs: dict[str, str]) -> None:
+    """Refuse (one line) an output path that names an input or another output; ``outputs`` and
+    ``inputs`` map option names to paths."""
+    seen: list[tuple[str, Path]] = []
+    for option, path in outputs.items():
+        path = Path(path)
+        for other_option, other in inputs.items():
+            if _same_file(path, Path(other)):
+                raise InputError(f"{option} {path} is the input {other_option}; choose another output file")
+        for other_option, other in seen:
+            if _same_file(path, other):
+                raise InputError(f"{option} and {other_option} name the same file {path}; choose different files")
+        if path.is_dir():
+            raise InputError(f"{option} {path} is a folder; give a file name")
+        seen.append((option, path))
+
+
+def check_output_paths(request) -> None:
+    """``check_distinct`` for a request's outputs and inputs (``output_paths``/``input_paths``)."""
+    check_distinct(request.output_paths(), request.input_paths())
