@@ -1,7 +1,11 @@
-"""`maisi weights download | list | verify | path | remove` against a real HTTP server on 127.0.0.1.
+"""`maisi weights download | list | verify | path | remove` against real HTTP servers on 127.0.0.1
+that speak the Hugging Face Hub's download protocol as huggingface_hub uses it.
 
-The server serves small random files in Hugging Face's URL layout, answers HEAD and Range requests,
-can cut a connection after N bytes or ignore ranges, and logs every request with the bytes it sent.
+The "Hub" answers HEAD/GET on /{repo}/resolve/{revision}/{path} with X-Repo-Commit; small files (JSON)
+come back directly with their git blob sha1 as ETag; LFS files (checkpoints, zips) are a 302 to a
+"CDN" on another port, with X-Linked-Etag (their sha256) and X-Linked-Size, as the Hub sends them.
+The CDN serves Range requests and can cut a connection after N bytes, refuse the next request,
+ignore ranges or corrupt the bytes. Both log every request with the bytes they sent.
 """
 
 from __future__ import annotations
@@ -10,48 +14,62 @@ import hashlib
 import json
 import random
 import re
-import sys
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import pytest
-from conftest import run_maisi, run_maisi_in_process
+from conftest import run_maisi_in_process
 from maisicore.models.presets import get_preset
 
-REPO_PREFIX = "nvidia/NV-Generate-CT/resolve/main"
+REPO = "nvidia/NV-Generate-CT"
+REPO_PREFIX = f"{REPO}/resolve/main"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
 MODEL = "rflow-ct"
 WEIGHT_NAMES = list(get_preset(MODEL).weight_files.as_dict().values())  # autoencoder, UNet, ControlNet
 SIZES = {WEIGHT_NAMES[0]: 200_003, WEIGHT_NAMES[1]: 300_007, WEIGHT_NAMES[2]: 250_001}
 MASK_INDEX = "candidate_masks_flexible_size_and_spacing_4000.json"
 MASK_ARCHIVE = "all_masks_flexible_size_and_spacing_4000.zip"
+TOKEN = "hf_test_token_of_an_account_that_accepted_the_terms"
+
+
+def _git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 class FileServer:
-    """ThreadingHTTPServer in a thread serving ``root`` (paths as in the URL)."""
+    """The Hub and its CDN: two ThreadingHTTPServers in threads serving ``root`` (paths as in the
+    Hub's URLs: ``root/REPO/resolve/main/PATH``)."""
 
     def __init__(self, root: Path):
         self.root = root
         self.requests: list[dict] = []
-        self.cut_after: dict[str, int] = {}  # URL path -> bytes to send before closing (used once)
-        self.ignore_range = False  # answer 200 with the whole file even to a Range request
-        self.redirect = False  # send /REPO/resolve/... to /cdn/... with a 302, as Hugging Face does
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.cut_after: dict[str, int] = {}  # repo path -> bytes the CDN sends before closing (used once)
+        self.refuse_after_cut: set[str] = set()  # repo paths whose next CDN request after a cut gets a 503
+        self._refuse_next: set[str] = set()
+        self.corrupt: set[str] = set()  # repo paths whose CDN bytes differ from the published sha256
+        self.ignore_range = False  # the CDN answers 200 with the whole file even to a Range request
+        self.token: str | None = None  # when set, the Hub wants "Authorization: Bearer TOKEN" (a gated repo)
+        self.hub = ThreadingHTTPServer(("127.0.0.1", 0), self._handler("hub"))
+        self.cdn = ThreadingHTTPServer(("127.0.0.1", 0), self._handler("cdn"))
+        self.threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in (self.hub, self.cdn)]
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        return f"http://127.0.0.1:{self.hub.server_address[1]}"
 
     def gets(self, name: str) -> list[dict]:
+        """The CDN's GETs of LFS file ``name`` (or the Hub's GETs of a small file)."""
         return [r for r in self.requests if r["method"] == "GET" and r["path"].endswith("/" + name)]
 
-    def _handler(self):
+    def _handler(self, role: str):
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
             def log_message(self, *args):  # keep test output quiet
                 pass
 
@@ -61,57 +79,69 @@ class FileServer:
             def do_GET(self):
                 self._serve(send_body=True)
 
-            def _serve(self, send_body: bool):
-                record = {"method": self.command, "path": self.path, "range": self.headers.get("Range"),
-                          "status": None, "bytes_sent": 0}
-                server.requests.append(record)
-                if server.redirect and self.path.startswith(f"/{REPO_PREFIX}/"):
-                    record["status"] = 302
-                    self.send_response(302)
-                    self.send_header("Location", "/cdn/" + self.path[len(REPO_PREFIX) + 2:])
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                url_path = self.path
-                if url_path.startswith("/cdn/"):
-                    url_path = f"/{REPO_PREFIX}/" + url_path[len("/cdn/"):]
-                path = (server.root / unquote(url_path.lstrip("/"))).resolve()
-                if server.root.resolve() not in path.parents or not path.is_file():
-                    record["status"] = 404
-                    self.send_error(404)
-                    return
-                data = path.read_bytes()
-                etag = f'"{hashlib.sha256(data).hexdigest()}"'
-                record["if_range"] = self.headers.get("If-Range")
-                start, status = 0, 200
-                asked = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-                unchanged = record["if_range"] in (None, etag)  # If-Range: a range only of this version
-                if asked and unchanged and not server.ignore_range:
-                    start, status = int(asked.group(1)), 206
-                    if start >= len(data):
-                        record["status"] = 416
-                        self.send_response(416)
-                        self.send_header("Content-Range", f"bytes */{len(data)}")
-                        self.send_header("Content-Length", "0")
-                        self.end_headers()
-                        return
+            def _reply(self, record: dict, status: int, headers: dict, body: bytes = b"", send_body: bool = True):
                 record["status"] = status
                 self.send_response(status)
-                self.send_header("Content-Length", str(len(data) - start))
-                self.send_header("Accept-Ranges", "bytes")
-                self.send_header("ETag", etag)
-                if status == 206:
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Connection", "close")
                 self.end_headers()
-                if not send_body:
+                if send_body and body:
+                    self.wfile.write(body)
+                    record["bytes_sent"] = len(body)
+                self.close_connection = True
+
+            def _serve(self, send_body: bool):
+                path = urlsplit(self.path).path
+                record = {"server": role, "method": self.command, "path": path, "range": self.headers.get("Range"),
+                          "authorization": self.headers.get("Authorization"), "status": None, "bytes_sent": 0}
+                server.requests.append(record)
+                prefix = f"/{REPO_PREFIX}/" if role == "hub" else f"/cdn/{REPO}/"
+                repo_path = unquote(path[len(prefix):]) if path.startswith(prefix) else None
+                file = (server.root / REPO_PREFIX / repo_path).resolve() if repo_path else None
+                if file is None or server.root.resolve() not in file.parents or not file.is_file():
+                    self._reply(record, 404, {"Content-Length": "0", "X-Error-Code": "EntryNotFound"})
                     return
+                data = file.read_bytes()
+                lfs = not repo_path.endswith(".json")
+                if role == "hub":
+                    if server.token and self.headers.get("Authorization") != f"Bearer {server.token}":
+                        self._reply(record, 401, {"Content-Length": "0", "X-Error-Code": "GatedRepo",
+                                                  "X-Error-Message": "Access to this model is restricted."})
+                        return
+                    headers = {"X-Repo-Commit": COMMIT, "Accept-Ranges": "bytes"}
+                    if lfs:  # the Hub sends LFS files to its CDN; the metadata is on the 302 itself
+                        cdn = f"http://127.0.0.1:{server.cdn.server_address[1]}/cdn/{REPO}/{repo_path}?signed=1"
+                        headers.update({"Location": cdn, "Content-Length": "0", "ETag": f'"{_git_blob_sha1(b"pointer")}"',
+                                        "X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"',
+                                        "X-Linked-Size": str(len(data))})
+                        self._reply(record, 302, headers)
+                        return
+                    headers["ETag"] = f'"{_git_blob_sha1(data)}"'
+                else:
+                    if repo_path in server._refuse_next:
+                        server._refuse_next.discard(repo_path)
+                        self._reply(record, 503, {"Content-Length": "0"})
+                        return
+                    if repo_path in server.corrupt:
+                        data = bytes([data[0] ^ 0xFF]) + data[1:]
+                    headers = {"Accept-Ranges": "bytes", "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
+                start, status = 0, 200
+                asked = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+                if asked and not server.ignore_range:
+                    start, status = int(asked.group(1)), 206
+                    if start >= len(data):
+                        self._reply(record, 416, {"Content-Range": f"bytes */{len(data)}", "Content-Length": "0"})
+                        return
+                    headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+                headers["Content-Length"] = str(len(data) - start)
                 body = data[start:]
-                cut = server.cut_after.pop(url_path, None)
+                cut = server.cut_after.pop(repo_path, None) if send_body else None
                 if cut is not None:
-                    body = body[:cut]  # then the connection closes (HTTP/1.0) short of Content-Length
-                self.wfile.write(body)
-                self.wfile.flush()
-                record["bytes_sent"] = len(body)
+                    body = body[:cut]  # then the connection closes short of Content-Length
+                    if repo_path in server.refuse_after_cut:
+                        server._refuse_next.add(repo_path)
+                self._reply(record, status, headers, body, send_body)
 
         return Handler
 
@@ -131,28 +161,28 @@ def published(tmp_path) -> dict[str, bytes]:
 @pytest.fixture
 def server(tmp_path, published):
     served = FileServer(tmp_path / "server")
-    served.thread.start()
+    for thread in served.threads:
+        thread.start()
     yield served
-    served.httpd.shutdown()
-    served.httpd.server_close()
+    for httpd in (served.hub, served.cdn):
+        httpd.shutdown()
+        httpd.server_close()
 
 
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
-    """A fresh $MAISI_HOME; no proxy, mirror or disk-budget settings leak in from the caller."""
+    """A fresh $MAISI_HOME; no proxy, mirror, token or disk-budget settings leak in from the caller."""
     folder = tmp_path / "maisi-home"
     monkeypatch.setenv("MAISI_HOME", str(folder))
-    for name in ("MAISI_WEIGHTS_BASE_URL", "MAISI_DISK_FREE_BYTES", "http_proxy", "HTTP_PROXY", "https_proxy",
-                 "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+    for name in ("MAISI_WEIGHTS_BASE_URL", "HF_ENDPOINT", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MAISI_DISK_FREE_BYTES",
+                 "http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     return folder
 
 
-def _download(server: FileServer, *extra, real_process: bool = False) -> object:
-    """`maisi weights download MODEL` from the server: in this process, or as the real program."""
-    if real_process:
-        return run_maisi("weights", "download", MODEL, "--base-url", server.base_url, *extra, timeout=300)
+def _download(server: FileServer, *extra) -> object:
+    """`maisi weights download MODEL --base-url SERVER ...` in this process."""
     return run_maisi_in_process("weights", "download", MODEL, "--base-url", server.base_url, *extra)
 
 
@@ -182,15 +212,19 @@ def test_full_download_then_verify_path_and_list(server, home, published):
     assert result.returncode == 0, result.stderr
     folder = home / "weights" / MODEL
     assert "downloaded rflow-ct" in result.stdout
-    # Files byte-identical, in the reference layout, each fetched once with no refetch.
+    # Files byte-identical, in the reference layout, each fetched once from the CDN with no refetch.
     for name, data in published.items():
         assert (folder / "models" / name).read_bytes() == data
         gets = server.gets(name)
-        assert len(gets) == 1 and gets[0]["range"] is None and gets[0]["bytes_sent"] == len(data)
-    assert sorted(p.name for p in (folder / "models").iterdir()) == sorted(published)  # no .part left
+        assert [(g["server"], g["range"], g["status"], g["bytes_sent"]) for g in gets] == [("cdn", None, 200, len(data))]
+    # The Hub sees only HEADs (ours for the size and sha256, then huggingface_hub's); each is a 302
+    # to the CDN carrying the metadata, and the CDN is never asked with HEAD.
+    hub = [(r["method"], r["status"]) for r in server.requests if r["server"] == "hub"]
+    assert hub == [("HEAD", 302)] * 6
+    assert sorted(p.name for p in (folder / "models").iterdir()) == sorted(published)  # no partial file left
     hashes = json.loads((folder / "hashes.json").read_text())
-    assert {k: (v["sha256"], v["size"]) for k, v in hashes.items()} == {
-        f"models/{name}": (_sha256(data), len(data)) for name, data in published.items()
+    assert {k: (v["sha256"], v["size"], v["published"]) for k, v in hashes.items()} == {
+        f"models/{name}": (_sha256(data), len(data), "sha256") for name, data in published.items()
     }
     card = json.loads((folder / "maisi_model.json").read_text())
     assert (card["model"], card["width"]) == (MODEL, "official")
@@ -222,112 +256,107 @@ def test_full_download_then_verify_path_and_list(server, home, published):
     assert row["license"] == "NVIDIA Open Model License" and row["license_url"].startswith("https://www.nvidia.com/")
     assert (rows["ddpm-ct"]["installed"], rows["ddpm-ct"]["license_accepted"]) == (False, False)
 
-    # A second run fetches nothing.
+    # A second run asks nothing.
     requests_before = len(server.requests)
     again = _download(server)
     assert again.returncode == 0 and "already downloaded" in again.stdout
-    assert [r for r in server.requests[requests_before:] if r["method"] == "GET"] == []
+    assert server.requests[requests_before:] == []
 
 
-def test_redirects_are_followed_and_head_stays_head(server, home, published, monkeypatch):
-    server.redirect = True
-    monkeypatch.setenv("MAISI_DISK_FREE_BYTES", "10")
-    refused = _download(server, "--accept-license")
-    assert refused.returncode == 2 and "not enough free disk space" in _one_line(refused.stderr)
-    assert [(r["method"], r["status"]) for r in server.requests] == [("HEAD", 302), ("HEAD", 200)] * 3
-    monkeypatch.delenv("MAISI_DISK_FREE_BYTES")
-    server.cut_after[f"/{REPO_PREFIX}/models/{WEIGHT_NAMES[1]}"] = 1000
-    assert _download(server, "--accept-license").returncode == 2
-    assert _download(server).returncode == 0  # resumed through the redirect
-    resumed = [r for r in server.requests if r["method"] == "GET" and r["path"].startswith("/cdn/")][-2]
-    expected = ("bytes=1000-", 206, SIZES[WEIGHT_NAMES[1]] - 1000)
-    assert (resumed["range"], resumed["status"], resumed["bytes_sent"]) == expected
-    for name, data in published.items():
-        assert (home / "weights" / MODEL / "models" / name).read_bytes() == data
+def test_cut_connection_resumes_with_a_range_request(server, home, published, tmp_path):
+    from huggingface_hub import constants
 
-
-def test_cut_connection_resumes_with_a_range_request(server, home, published, monkeypatch):
     unet = WEIGHT_NAMES[1]
-    unet_url_path = f"/{REPO_PREFIX}/models/{unet}"
-    cut = 123_457
-    server.cut_after[unet_url_path] = cut
+    chunk = constants.DOWNLOAD_CHUNK_SIZE  # huggingface_hub writes whole read chunks (10 MiB)
+    big = random.Random(10).randbytes(chunk + 2 * 2**20)
+    (tmp_path / "server" / REPO_PREFIX / "models" / unet).write_bytes(big)
+    cut = chunk + 2**20
+    server.cut_after[f"models/{unet}"] = cut
+    result = _download(server, "--accept-license")
+    assert result.returncode == 0, result.stderr
+    gets = server.gets(unet)  # resumed in the same run after the last whole chunk it had written
+    assert [(g["range"], g["status"], g["bytes_sent"]) for g in gets] == [
+        (None, 200, cut), (f"bytes={chunk}-", 206, len(big) - chunk)]
+    assert (home / "weights" / MODEL / "models" / unet).read_bytes() == big
+    hashes = json.loads((home / "weights" / MODEL / "hashes.json").read_text())
+    assert hashes[f"models/{unet}"]["sha256"] == _sha256(big)
 
+
+def test_interrupted_run_keeps_complete_files_and_the_next_run_fetches_the_rest(server, home, published, monkeypatch):
+    unet = WEIGHT_NAMES[1]
+    server.cut_after[f"models/{unet}"] = 50_000
+    server.refuse_after_cut.add(f"models/{unet}")  # the retry fails too: the run gives up
     first = _download(server, "--accept-license")
     assert first.returncode == 2
     message = _error_line(first.stderr)
     assert "interrupted" in message and "run `maisi weights download rflow-ct` again to resume" in message
     models = home / "weights" / MODEL / "models"
-    part = models / f"{unet}.part"
-    assert part.read_bytes() == published[unet][:cut]
+    assert (models / WEIGHT_NAMES[0]).read_bytes() == published[WEIGHT_NAMES[0]]
     assert not (models / unet).exists() and not (models / WEIGHT_NAMES[2]).exists()
     assert not (home / "weights" / MODEL / "maisi_model.json").exists()
+    assert [p for p in (home / "weights" / MODEL).rglob("*.incomplete")] == []  # no partial file left behind
 
     # The disk check counts only what is still missing: exactly that much free space is enough.
-    remaining = SIZES[unet] - cut + SIZES[WEIGHT_NAMES[2]]
-    monkeypatch.setenv("MAISI_DISK_FREE_BYTES", str(remaining))
+    monkeypatch.setenv("MAISI_DISK_FREE_BYTES", str(SIZES[unet] + SIZES[WEIGHT_NAMES[2]]))
     second = _download(server)
     assert second.returncode == 0, second.stderr
-    gets = server.gets(unet)
-    assert [(g["range"], g["status"]) for g in gets] == [(None, 200), (f"bytes={cut}-", 206)]
-    assert [g["bytes_sent"] for g in gets] == [cut, SIZES[unet] - cut]
-    assert sum(g["bytes_sent"] for g in gets) == SIZES[unet]  # nothing fetched twice
     assert len(server.gets(WEIGHT_NAMES[0])) == 1  # the finished file is not asked for again
+    assert [(g["range"], g["status"]) for g in server.gets(unet)] == [(None, 200), (None, 503), (None, 200)]
     for name, data in published.items():
         assert (models / name).read_bytes() == data
-    assert not part.exists()
-    hashes = json.loads((home / "weights" / MODEL / "hashes.json").read_text())
-    assert hashes[f"models/{unet}"]["sha256"] == _sha256(published[unet])
+    assert run_maisi_in_process("weights", "verify", MODEL).returncode == 0
 
 
-def test_server_ignoring_range_restarts_the_file_cleanly(server, home, published):
+def test_server_ignoring_range_restarts_the_file_cleanly(server, home, published, tmp_path):
+    from huggingface_hub import constants
+
     unet = WEIGHT_NAMES[1]
-    cut = 50_000
-    server.cut_after[f"/{REPO_PREFIX}/models/{unet}"] = cut
-    assert _download(server, "--accept-license").returncode == 2
+    chunk = constants.DOWNLOAD_CHUNK_SIZE
+    big = random.Random(11).randbytes(chunk + 2 * 2**20)
+    (tmp_path / "server" / REPO_PREFIX / "models" / unet).write_bytes(big)
+    cut = chunk + 2**20
+    server.cut_after[f"models/{unet}"] = cut
     server.ignore_range = True
-    result = _download(server)
+    result = _download(server, "--accept-license")
     assert result.returncode == 0, result.stderr
     gets = server.gets(unet)
     assert [(g["range"], g["status"], g["bytes_sent"]) for g in gets] == [
-        (None, 200, cut), (f"bytes={cut}-", 200, SIZES[unet])
+        (None, 200, cut), (f"bytes={chunk}-", 200, len(big))
     ]
-    assert (home / "weights" / MODEL / "models" / unet).read_bytes() == published[unet]
+    assert (home / "weights" / MODEL / "models" / unet).read_bytes() == big  # no mix of the two replies
 
 
-def test_file_changed_on_the_server_between_runs_restarts_with_if_range(server, home, published, tmp_path):
-    unet = WEIGHT_NAMES[1]
-    cut = 70_000
-    server.cut_after[f"/{REPO_PREFIX}/models/{unet}"] = cut
-    assert _download(server, "--accept-license").returncode == 2
-    part = home / "weights" / MODEL / "models" / f"{unet}.part"
-    old_etag = f'"{_sha256(published[unet])}"'
-    assert part.with_name(part.name + ".validator").read_text().strip() == old_etag
-    new_version = random.Random(9).randbytes(SIZES[unet])
-    (tmp_path / "server" / REPO_PREFIX / "models" / unet).write_bytes(new_version)
-
-    result = _download(server)
-    assert result.returncode == 0, result.stderr
-    gets = server.gets(unet)
-    assert [(g["range"], g["if_range"], g["status"], g["bytes_sent"]) for g in gets] == [
-        (None, None, 200, cut), (f"bytes={cut}-", old_etag, 200, SIZES[unet])
-    ]
-    placed = home / "weights" / MODEL / "models" / unet
-    assert placed.read_bytes() == new_version  # no mix of the two versions
-    assert json.loads((home / "weights" / MODEL / "hashes.json").read_text())[f"models/{unet}"]["sha256"] == (
-        _sha256(new_version))
-    assert sorted(p.name for p in placed.parent.iterdir()) == sorted(published)  # no .part, no .validator
+def test_corruption_on_the_way_is_caught_against_the_hubs_sha256(server, home, published):
+    controlnet = WEIGHT_NAMES[2]
+    server.corrupt.add(f"models/{controlnet}")
+    result = _download(server, "--accept-license")
+    assert result.returncode == 2
+    line = _error_line(result.stderr)
+    assert "differs from the" in line and controlnet in line and "publishes" in line
+    models = home / "weights" / MODEL / "models"
+    assert not (models / controlnet).exists()
+    hashes = json.loads((home / "weights" / MODEL / "hashes.json").read_text())
+    assert f"models/{controlnet}" not in hashes and len(hashes) == 2
+    server.corrupt.clear()
+    assert _download(server).returncode == 0
+    assert (models / controlnet).read_bytes() == published[controlnet]
+    assert [g["bytes_sent"] for g in server.gets(WEIGHT_NAMES[0])] == [SIZES[WEIGHT_NAMES[0]]]
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="the test holds the lock with fcntl")
-def test_second_download_at_the_same_time_is_refused(server, home, published):
-    import fcntl
-
-    home.mkdir()
-    with open(home / ".download.lock", "a+b") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        result = _download(server, "--accept-license")  # another process
-    assert result.returncode == 2 and "another `maisi weights download`" in _one_line(result.stderr)
-    assert not (home / "weights").exists() and not (home / "licenses_accepted.json").exists()
+def test_gated_repository_needs_hf_token(server, home, published, monkeypatch):
+    server.token = TOKEN
+    refused = _download(server, "--accept-license")
+    assert refused.returncode == 2
+    line = _one_line(refused.stderr)
+    assert "401" in line and "HF_TOKEN" in line
+    assert not home.exists()  # nothing written, not even the licence acceptance
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    accepted = _download(server, "--accept-license")
+    assert accepted.returncode == 0, accepted.stderr
+    hub = [r for r in server.requests if r["server"] == "hub" and r["status"] == 302]
+    assert len(hub) == 6 and {r["authorization"] for r in hub} == {f"Bearer {TOKEN}"}
+    for name, data in published.items():
+        assert (home / "weights" / MODEL / "models" / name).read_bytes() == data
 
 
 def test_verify_names_a_corrupted_or_missing_file(server, home, published):
@@ -355,11 +384,13 @@ def test_changed_server_file_is_refused_against_the_recorded_hash(server, home, 
     ae_name = WEIGHT_NAMES[0]
     (home / "weights" / MODEL / "models" / ae_name).unlink()
     (tmp_path / "server" / REPO_PREFIX / "models" / ae_name).write_bytes(b"x" * SIZES[ae_name])
+    gets_before = len([r for r in server.requests if r["method"] == "GET"])
     result = _download(server)
     assert result.returncode == 2
-    assert "differs from" in _error_line(result.stderr) and ae_name in result.stderr
-    models = home / "weights" / MODEL / "models"
-    assert not (models / ae_name).exists() and not (models / f"{ae_name}.part").exists()
+    line = _error_line(result.stderr)
+    assert "differs from" in line and ae_name in line and "recorded at the first download" in line
+    assert len([r for r in server.requests if r["method"] == "GET"]) == gets_before  # refused before fetching
+    assert not (home / "weights" / MODEL / "models" / ae_name).exists()
 
 
 def test_licence_refused_then_accepted_and_remembered_across_remove(server, home, published):
@@ -374,9 +405,10 @@ def test_licence_refused_then_accepted_and_remembered_across_remove(server, home
     assert no_confirm.returncode == 2 and "--yes" in _one_line(no_confirm.stderr)
     assert (home / "weights" / MODEL / "models" / WEIGHT_NAMES[0]).is_file()
 
+    on_disk = [p for p in (home / "weights" / MODEL).rglob("*") if p.is_file()]  # + huggingface_hub's metadata
     removed = run_maisi_in_process("weights", "remove", MODEL, "--yes")
     assert removed.returncode == 0, removed.stderr
-    assert "5 file(s) deleted" in removed.stdout  # 3 checkpoints, card, hashes.json
+    assert f"{len(on_disk)} file(s) deleted" in removed.stdout and len(on_disk) > 5
     assert not (home / "weights" / MODEL).exists()
     assert json.loads((home / "licenses_accepted.json").read_text())[MODEL]["license"] == "NVIDIA Open Model License"
     rows = {r["model"]: r for r in json.loads(run_maisi_in_process("weights", "list", "--json").stdout)}
@@ -427,7 +459,7 @@ def test_datasets_are_downloaded_and_unpacked(server, home, published, tmp_path,
     (datasets / "all_anatomy_size_conditions.json").write_bytes(b"[]")
     with zipfile.ZipFile(datasets / MASK_ARCHIVE, "w") as archive:
         archive.writestr("all_masks_flexible_size_and_spacing_4000/a/mask_1.nii.gz", b"mask bytes")
-    monkeypatch.setenv("MAISI_WEIGHTS_BASE_URL", server.base_url)  # the mirror from the environment
+    monkeypatch.setenv("HF_ENDPOINT", server.base_url)  # the mirror huggingface_hub's variable names
 
     result = run_maisi_in_process("weights", "download", MODEL, "--accept-license", "--include-datasets")
     assert result.returncode == 0, result.stderr
@@ -440,6 +472,8 @@ def test_datasets_are_downloaded_and_unpacked(server, home, published, tmp_path,
     assert hashes[MASK_INDEX]["sha256"] == _sha256(index)
     assert hashes[MASK_ARCHIVE]["sha256"] == _sha256((datasets / MASK_ARCHIVE).read_bytes())
     assert hashes[MASK_ARCHIVE]["unpacked_to"] == "all_masks_flexible_size_and_spacing_4000"
+    # Small files are checked against their git blob id (the Hub's ETag), LFS files against their sha256.
+    assert (hashes[MASK_INDEX]["published"], hashes[MASK_ARCHIVE]["published"]) == ("git blob sha1", "sha256")
     verify = run_maisi_in_process("weights", "verify", MODEL)
     assert verify.returncode == 0 and verify.stdout.splitlines()[-1] == "ok: 6 file(s) match their recorded sha256"
 

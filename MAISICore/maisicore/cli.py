@@ -17,6 +17,8 @@ from . import __version__
 from .errors import Cancelled, InputError
 from .models.presets import BODY_REGIONS, MODEL_NAMES, WIDTHS
 
+MAX_PATCH_SIDE = 768  # voxels: the largest side of a published output grid
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors and exit code 2."""
@@ -63,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--body-region", nargs="+", choices=BODY_REGIONS, metavar="REGION",
                      help=f"ddpm-ct only: body region(s) covered, top first ({', '.join(BODY_REGIONS)}); "
                           "default: derived from the mask")
-    gen.add_argument("--mask", metavar="LABELS", help="MAISI label volume (.nii, .nii.gz, .nrrd) to follow")
+    gen.add_argument("--mask", metavar="LABELS",
+                     help="MAISI label volume (.nii, .nii.gz, .nrrd) to follow, or a DICOM SEG (segments matched to "
+                          "MAISI labels by name, else by their codes)")
     fit = gen.add_mutually_exclusive_group()
     fit.add_argument("--fit-grid", action="store_true",
                      help="always resample the mask (nearest) onto --size/--spacing or the closest grid the model "
@@ -97,7 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--allow-any-size", action="store_true",
                      help="accept any size that is a multiple of 32 and any spacing (tests, tiny models)")
     gen.add_argument("--preview", metavar="PNG", help="also write a PNG of the three mid-planes")
-    gen.add_argument("--out", required=True, metavar="CT", help="output CT (.nii, .nii.gz or .nrrd)")
+    gen.add_argument("--dry-run", action="store_true",
+                     help="check the whole request and print the estimated peak memory; run no network, write nothing")
+    gen.add_argument("--format", choices=("nifti", "nrrd", "dicom"),
+                     help="how --out is written (default: by its extension); dicom: a new folder with the CT as a "
+                          "DICOM series (DIR/ct/) and the labels as a DICOM SEG (DIR/labels.dcm), marked synthetic")
+    gen.add_argument("--out", required=True, metavar="CT",
+                     help="output CT (.nii, .nii.gz or .nrrd), or with --format dicom a new folder")
     gen.set_defaults(handler=_cmd_generate)
 
     weights = commands.add_parser(
@@ -119,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="official (published sizes) or tiny (same architecture, few channels)")
     init.add_argument("--out", required=True, metavar="DIR", help="folder to write (created if missing)")
     init.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    init.add_argument("--force", action="store_true", help="overwrite a weight set already in --out")
     init.add_argument("--nonzero-init", action="store_true",
                       help="fill the layers MONAI starts at zero (UNet and ControlNet outputs) with small random "
                            "values, so untrained networks act: for tests and pipeline demos, not for training")
@@ -139,10 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
             "(revision main) into $MAISI_HOME/weights/MODEL/models/ (MAISI_HOME defaults to ~/.maisi) with a "
             "maisi_model.json card, so `maisi generate --model MODEL` finds them. The weights are NVIDIA's, under "
             "the NVIDIA Open Model License: the first download needs --accept-license (remembered in "
-            "$MAISI_HOME/licenses_accepted.json; `maisi weights list` shows the licence and its link). Free disk "
-            "space is checked first; files arrive as NAME.part and are renamed into place when complete, so an "
-            "interrupted download resumes when the command is run again. The sha256 of each file is recorded in "
-            "hashes.json at the first download (NVIDIA publishes none) and checked by `maisi weights verify`."
+            "$MAISI_HOME/licenses_accepted.json; `maisi weights list` shows the licence and its link). The files come "
+            "through huggingface_hub (HF_TOKEN for a gated repository, HF_ENDPOINT or --base-url for a mirror): sizes "
+            "and the sha256 the Hub publishes are asked first, free disk space is checked, a cut connection is resumed "
+            "and complete files are kept when the command is run again. Each file is checked against the Hub's sha256 "
+            "(git blob id for small files) and its sha256 recorded in hashes.json for `maisi weights verify`."
         ),
     )
     weights_download.add_argument("model", choices=MODEL_NAMES, metavar="MODEL", help=" or ".join(MODEL_NAMES))
@@ -150,8 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="accept the model's licence (NVIDIA Open Model License); remembered for "
                                        "later downloads")
     weights_download.add_argument("--base-url", metavar="URL",
-                                  help="mirror or proxy serving URL/nvidia/NV-Generate-CT/resolve/main/PATH like Hugging "
-                                       "Face (default: $MAISI_WEIGHTS_BASE_URL, else https://huggingface.co)")
+                                  help="mirror serving URL/nvidia/NV-Generate-CT/resolve/main/PATH as the Hugging Face "
+                                       "Hub does (default: $MAISI_WEIGHTS_BASE_URL, else $HF_ENDPOINT, else "
+                                       "https://huggingface.co)")
     weights_download.add_argument("--include-datasets", action="store_true",
                                   help="also download the candidate mask database for `maisi generate --anatomy` into "
                                        "$MAISI_HOME/datasets (about 12 GB, unpacked to about 14 GB)")
@@ -159,9 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     weights_verify = weight_commands.add_parser(
         "verify",
         help="check downloaded files against the sha256 recorded at download (exit 1 naming a bad or missing file)",
+        description=(
+            "Re-hash each downloaded file and compare it with the sha256 recorded in hashes.json. --load also "
+            "loads each checkpoint (weights_only=True) against the model's network and reports missing, "
+            "unexpected and mis-shaped keys; benign extra keys can be allowed in the weight folder's "
+            "maisi_model.json (\"allowed_extra_keys\": {\"ROLE\": [\"PATTERN\", ...]}). Exit 1 on any problem."
+        ),
     )
     weights_verify.add_argument("model", nargs="?", choices=MODEL_NAMES, metavar="MODEL",
                                 help="model to check (default: every downloaded model)")
+    weights_verify.add_argument("--load", action="store_true",
+                                help="also load every checkpoint into its network and report key mismatches")
     weights_verify.set_defaults(handler=_cmd_weights_verify)
     weights_path = weight_commands.add_parser("path", help="print the folder a model's official weights are kept in")
     weights_path.add_argument("model", choices=MODEL_NAMES, metavar="MODEL", help=" or ".join(MODEL_NAMES))
@@ -195,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("--from", dest="source", required=True, choices=("totalsegmentator", "names"))
     convert.add_argument("segmentation", nargs="+", metavar="SEG")
-    convert.add_argument("--ct", metavar="CT", help="CT on the same grid: body envelope from HU > -500")
+    convert.add_argument("--ct", metavar="CT",
+                         help="CT on the same grid (a volume file or a DICOM series (its folder, one of its files, or FOLDER#SeriesInstanceUID)): body envelope from HU > -500")
     convert.add_argument("--no-body", action="store_true", help="do not add the body envelope")
     convert.add_argument("--out", required=True, metavar="MAISI_LABELS")
     convert.add_argument("--report", metavar="JSON", help="write the mapping report (mapped, unmapped, overlaps)")
@@ -213,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     encode.add_argument("--weights", required=True, metavar="AE.pt", help="autoencoder checkpoint (official or tiny width)")
-    encode.add_argument("--image", required=True, metavar="CT")
+    encode.add_argument("--image", required=True, metavar="CT", help="CT volume file or a DICOM series (its folder, one of its files, or FOLDER#SeriesInstanceUID)")
     encode.add_argument("--memory-budget", type=float, metavar="GB", help="as for generate")
     encode.add_argument("--device", default="auto")
     encode.add_argument("--out", required=True, metavar="LATENT.nii.gz")
@@ -244,13 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
             "copied unchanged. The output has the input's shape, dtype (int16) and affine."
         ),
     )
-    inpaint.add_argument("--image", required=True, metavar="CT")
+    inpaint.add_argument("--image", required=True, metavar="CT", help="CT volume file or a DICOM series (its folder, one of its files, or FOLDER#SeriesInstanceUID)")
     inpaint.add_argument("--tumor-mask", metavar="M", help="binary tumour mask on the CT's grid")
     inpaint.add_argument("--tumor-center", nargs=3, type=float, metavar=("X", "Y", "Z"), help="RAS, mm")
     inpaint.add_argument("--tumor-diameter", type=float, metavar="MM")
     inpaint.add_argument("--tumor-type", required=True, metavar="NAME",
                          help='"hepatic tumor", "pancreatic tumor", "lung tumor", "colon cancer primaries", "bone lesion"')
-    inpaint.add_argument("--labels", metavar="LABELS", help="MAISI anatomy labels on the CT's grid")
+    inpaint.add_argument("--labels", metavar="LABELS", help="MAISI anatomy labels on the CT's grid (a volume file or a DICOM SEG)")
     inpaint.add_argument("--model", default="rflow-ct", metavar="rflow-ct|ddpm-ct|demo|DIR")
     inpaint.add_argument("--weights-dir", metavar="DIR")
     inpaint.add_argument("--seed", type=int, default=0)
@@ -258,7 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
     inpaint.add_argument("--device", default="auto")
     inpaint.add_argument("--allow-any-size", action="store_true",
                          help="accepted for symmetry with generate: the inpainting region is always a multiple of 32")
-    inpaint.add_argument("--out", required=True, metavar="CT_WITH_TUMOR")
+    inpaint.add_argument("--out", required=True, metavar="CT_WITH_TUMOR",
+                         help="output CT (.nii, .nii.gz or .nrrd), or with --format dicom a new folder")
+    inpaint.add_argument("--format", choices=("nifti", "nrrd", "dicom"),
+                         help="how --out is written (default: by its extension); dicom: the CT as a DICOM series "
+                              "(DIR/ct/) and the anatomy and tumour as a DICOM SEG (DIR/labels.dcm), marked synthetic "
+                              "and derived, under a new synthetic patient")
+    inpaint.add_argument("--keep-patient", action="store_true",
+                         help="with --format dicom and a DICOM --image: keep the source's patient, study and frame "
+                              "of reference, and reference each source slice")
     inpaint.add_argument("--label-out", metavar="L", help="anatomy used and the tumour, dictionary ids")
     inpaint.set_defaults(handler=_cmd_inpaint)
 
@@ -298,13 +328,15 @@ def _add_training_commands(commands) -> None:
         "prepare",
         help="index training data into a datalist, or encode it to cached latents",
         description=(
-            "maisi prepare --images DIR [--labels DIR] --out DATALIST.json: scan NIfTI/NRRD images (labels matched by "
-            "file name), record dim, spacing, modality, body region (from the labels) and fold; unreadable files and "
+            "maisi prepare --images DIR [--labels DIR] --out DATALIST.json: scan NIfTI/NRRD images and DICOM series "
+            "(each subfolder's, and those directly in DIR; labels: NIfTI/NRRD or DICOM SEG .dcm files matched by "
+            "file or folder name), record dim, spacing, modality, body region (from the labels) and fold; unreadable files and "
             "labels on another grid are reported under 'problems' and skipped. "
             "maisi prepare latents: encode a datalist's images with the VAE for diffusion/ControlNet training."
         ),
     )
-    prepare.add_argument("--images", metavar="DIR", help="folder of CT images (.nii, .nii.gz, .nrrd)")
+    prepare.add_argument("--images", metavar="DIR",
+                         help="folder of CT images (.nii, .nii.gz, .nrrd) and/or DICOM series (subfolders)")
     prepare.add_argument("--labels", metavar="DIR", help="folder of MAISI label volumes, same file names as the images")
     prepare.add_argument("--modality", default="ct", choices=("ct",), help="image modality (default ct)")
     prepare.add_argument("--folds", type=_positive_int, default=5, help="number of folds, assigned round robin (default 5)")
@@ -377,14 +409,37 @@ def _add_training_commands(commands) -> None:
 
 
 def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except (BrokenPipeError, ValueError, OSError):  # stderr closed: nothing left to tell
+        pass
+
+
+def _distinct(outputs: dict, inputs: dict) -> None:
+    """An output never names an input or another output (``pipelines.safety``)."""
+    from .pipelines.safety import check_distinct
+
+    check_distinct({k: v for k, v in outputs.items() if v}, {k: v for k, v in inputs.items() if v})
+
+
+def _check_seed(seed: int, option: str = "--seed") -> None:
+    from .pipelines.requests import MAX_SEED
+
+    if not 0 <= seed < MAX_SEED:
+        raise InputError(f"{option} {seed}: must be an integer from 0 to 2^63-1")
+
+
+def _check_finite_positive(value, option: str) -> None:
+    import math
+
+    if value is not None and (not math.isfinite(value) or value <= 0):
+        raise InputError(f"{option} {value:g}: must be a positive finite number")
 
 
 def _budget_bytes(gigabytes: float | None) -> int | None:
     if gigabytes is None:
         return None
-    if gigabytes <= 0:
-        raise InputError(f"--memory-budget {gigabytes:g}: must be a positive number of GB")
+    _check_finite_positive(gigabytes, "--memory-budget")
     return int(gigabytes * 2**30)
 
 
@@ -399,7 +454,7 @@ def _generate_request(args):
         fit="always" if args.fit_grid else ("never" if args.no_fit else "auto"),
         on_mask_grid=True if args.on_mask_grid else None, seed=args.seed, steps=args.steps,
         qc_retries=args.qc_retries, device=args.device, decode=args.decode, memory_budget_gb=args.memory_budget,
-        allow_any_size=args.allow_any_size,
+        allow_any_size=args.allow_any_size, dry_run=args.dry_run, format=args.format,
     )
 
 
@@ -475,6 +530,8 @@ def _cmd_labels_convert(args) -> int:
         write_volume,
     )
 
+    _distinct({"--out": args.out, "--report": args.report},
+              {**{f"segmentation {s}": s.split("=", 1)[-1] for s in args.segmentation}, "--ct": args.ct})
     out = check_output_path(args.out)
     if args.report:
         check_output_folder(args.report, "--report")
@@ -484,8 +541,11 @@ def _cmd_labels_convert(args) -> int:
         labels, report = read_totalsegmentator(args.segmentation[0])
     else:
         labels, report = read_named_masks(args.segmentation)
+    if not np.any(labels.array):
+        raise InputError(f"no voxel of {' '.join(args.segmentation)} maps to a MAISI label (see the unmapped classes "
+                         "with --report, or `maisi labels list`)")
     if not args.no_body:
-        ct = read_volume(args.ct) if args.ct else None
+        ct = read_volume(args.ct, modality="CT") if args.ct else None
         labels = with_body_envelope(labels, report, ct)
     write_volume(out, labels)
     if args.report:
@@ -503,6 +563,7 @@ def _cmd_prepare(args) -> int:
         raise InputError("maisi prepare needs --images DIR and --out DATALIST.json (or the action `latents`)")
     from .io.volumes import check_output_folder
 
+    _distinct({"--out": args.out}, {"--images": args.images, "--labels": args.labels})
     check_output_folder(args.out, "--out")
     data = prepare_datalist(args.images, args.labels, args.out, folds=args.folds, modality=args.modality)
     for problem in data["problems"]:
@@ -516,6 +577,7 @@ def _cmd_prepare_latents(args) -> int:
     from .training.latents import prepare_latents
     from .validation import resolve_device
 
+    _distinct({"--out": args.out}, {"--datalist": args.datalist, "--weights": args.weights})
     check_output_folder(args.out, "--out")
     data = prepare_latents(args.datalist, args.weights, args.out_dir, args.out, round_to=args.round_to,
                            device=resolve_device(args.device), memory_budget_bytes=_budget_bytes(args.memory_budget))
@@ -528,6 +590,13 @@ def _cmd_train(args) -> int:
     from .training.config import load_config
     from .training.run import train
 
+    _check_finite_positive(args.lr, "--lr")
+    _check_finite_positive(args.label_weight, "--label-weight")
+    if args.seed is not None:
+        _check_seed(args.seed)
+    if args.patch_size and any(not 1 <= s <= MAX_PATCH_SIDE for s in args.patch_size):
+        raise InputError(f"--patch-size {' '.join(map(str, args.patch_size))}: each side must be 1 to {MAX_PATCH_SIDE} "
+                         "voxels (the largest published image side)")
     config = load_config(
         args.stage, args.config, lr=args.lr, batch_size=args.batch_size, max_steps=args.max_steps,
         patch_size=tuple(args.patch_size) if args.patch_size else None, seed=args.seed,
@@ -558,10 +627,11 @@ def _cmd_vae_encode(args) -> int:
 
     if not args.out.lower().endswith(LATENT_EXTENSIONS):
         raise InputError(f"--out {args.out}: latents are written as .nii.gz or .nii")
+    _distinct({"--out": args.out, "--out sidecar": f"{args.out}.json"}, {"--image": args.image, "--weights": args.weights})
     check_output_folder(args.out, "--out")
     budget = _budget_bytes(args.memory_budget)
     device = resolve_device(args.device)
-    ct = read_volume(args.image)
+    ct = read_volume(args.image, modality="CT")
     autoencoder = load_autoencoder(args.weights, device)
     latent, affine, sidecar = encode_ct(autoencoder, ct, device, budget, log=_say)
     write_latent(args.out, latent, affine, sidecar)
@@ -574,9 +644,10 @@ def _cmd_vae_decode(args) -> int:
     from .pipelines.vae import decode_latent, load_autoencoder, read_latent
     from .validation import resolve_device
 
+    _distinct({"--out": args.out}, {"--latent": args.latent, "--latent sidecar": f"{args.latent}.json",
+                                    "--weights": args.weights})
     out = check_output_path(args.out)
-    if args.scale_factor <= 0:
-        raise InputError(f"--scale-factor {args.scale_factor:g}: must be positive")
+    _check_finite_positive(args.scale_factor, "--scale-factor")
     budget = _budget_bytes(args.memory_budget)
     device = resolve_device(args.device)
     latent, affine = read_latent(args.latent)
@@ -596,6 +667,7 @@ def _cmd_inpaint(args) -> int:
         tumor_center=list(args.tumor_center) if args.tumor_center is not None else None,
         tumor_diameter=args.tumor_diameter, labels=args.labels, model=args.model, weights_dir=args.weights_dir,
         seed=args.seed, steps=args.steps, device=args.device, out=args.out, label_out=args.label_out,
+        format=args.format, keep_patient=args.keep_patient,
     )
     run_inpaint(request, HumanReport())
     return 0
@@ -606,12 +678,21 @@ def _cmd_qc(args) -> int:
 
     from .anatomy.qc import check_ct, format_table
     from .io.volumes import read_volume
+    from .validation import check_mask_values
 
-    ct = read_volume(args.ct)
+    if args.json:
+        from .io.volumes import check_output_folder
+
+        _distinct({"--json": args.json}, {"CT": args.ct, "--label": args.label})
+        check_output_folder(args.json, "--json")
+    ct = read_volume(args.ct, modality="CT")
     labels = read_volume(args.label)
     if not labels.same_grid(ct):
         raise InputError(f"--label {args.label} is not on the CT's grid (shape and affine must match)")
-    checks = check_ct(ct.array.astype(np.float32), np.rint(labels.array).astype(np.int32))
+    label_ids = check_mask_values(labels.array, f"--label {args.label}")
+    if not label_ids.any():
+        raise InputError(f"--label {args.label}: every voxel is background (0); nothing to check")
+    checks = check_ct(ct.array.astype(np.float32), label_ids.astype(np.int32))
     print(format_table(checks))
     if args.json:
         from .io.volumes import atomic_write
@@ -629,11 +710,16 @@ def _cmd_qc(args) -> int:
 
 def _cmd_weights_init(args) -> int:
     from .models.presets import get_preset
-    from .models.weights import init_weights
+    from .models.weights import MODEL_CARD, MODELS_SUBDIR, init_weights
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder")
+    _check_seed(args.seed)
+    if not args.force and ((out / MODEL_CARD).exists() or (out / MODELS_SUBDIR).exists()):
+        raise InputError(f"--out {out} already holds a weight set; add --force to overwrite it, or choose another folder")
+    if not out.parent.is_dir():
+        raise InputError(f"--out {out}: folder {out.parent} does not exist; create it first")
     preset = get_preset(args.preset, args.width)
     files = init_weights(preset, out, seed=args.seed, nonzero=args.nonzero_init)
     kind = "random weights" + (" (zero-initialised layers filled)" if args.nonzero_init else "")
@@ -700,8 +786,36 @@ def _cmd_weights_verify(args) -> int:
         _say(f"maisi: verify failed: {names}; {fix} {redo} to fetch them again")
         return 1
     note = f", {unrecorded} without a recorded hash" if unrecorded else ""
-    print(f"ok: {good} file(s) match their recorded sha256{note}")
+    if args.load and not _verify_loading(models):
+        return 1
+    print(f"ok: {good} file(s) match their recorded sha256{note}" + (", every checkpoint loads" if args.load else ""))
     return 0
+
+
+def _verify_loading(models: list[str]) -> bool:
+    """``weights verify --load``: each checkpoint against its network; prints one line per file."""
+    from .models.download import model_dir
+    from .models.weights import check_weight_set, resolve_model
+
+    problems = []
+    for name in models:
+        preset, folder = resolve_model(name, model_dir(name))
+        for check in check_weight_set(preset, folder):
+            allowed = f", {len(check.allowed)} allowed extra key(s) ignored" if check.allowed else ""
+            if check.ok:
+                print(f"{'loads':<10} {check.path} ({check.tensors} tensors into the {preset.key} {check.role}{allowed})")
+                continue
+            parts = [check.error] if check.error else []
+            for what, keys in (("missing", check.missing), ("unexpected", check.unexpected),
+                               ("mis-shaped", check.wrong_shape)):
+                if keys:
+                    parts.append(f"{len(keys)} {what} key(s) (first: {', '.join(keys[:3])})")
+            print(f"{'mismatch':<10} {check.path} ({'; '.join(parts)})")
+            problems.append(f"{check.path.name}: {'; '.join(parts)}")
+    if problems:
+        _say(f"maisi: verify --load failed: {' | '.join(problems)}; benign extra keys can be allowed in the "
+             "weight folder's maisi_model.json (\"allowed_extra_keys\")")
+    return not problems
 
 
 def _cmd_weights_path(args) -> int:
@@ -731,7 +845,27 @@ def _cmd_weights_remove(args) -> int:
     return 0
 
 
+def _interrupted_message() -> str:
+    """What is on disk after an interruption: the files already complete, or nothing."""
+    from .io.volumes import written_files
+
+    done = [str(p) for p in written_files() if p.exists()]
+    if done:
+        return f"maisi: cancelled; already complete: {', '.join(done)}; nothing else was written"
+    return "maisi: cancelled; nothing was written"
+
+
+def _terminate_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``maisi`` command; returns the exit code (0, 1, 2, 130; 141 when stdout was closed)."""
+    import signal
+
+    previous = None
+    if threading_main():
+        previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)  # SIGTERM cleans up like Ctrl-C
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -744,13 +878,39 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"maisi: error: {exc}")
         return 2
     except (Cancelled, KeyboardInterrupt):
-        _say("maisi: cancelled; nothing was written")
+        _say(_interrupted_message())
         return 130
+    except BrokenPipeError:  # the reader of our output went away (`maisi labels list | head`): end quietly
+        _quiet_closed_streams()
+        return 141
     except Exception as exc:  # unexpected: one line, traceback on request
         if os.environ.get("MAISI_DEBUG"):
             raise
         _say(f"maisi: unexpected failure: {type(exc).__name__}: {exc} (set MAISI_DEBUG=1 for the traceback)")
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def threading_main() -> bool:
+    """Whether this is the main thread (signal handlers can only be set there)."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _quiet_closed_streams() -> None:
+    """Point stdout/stderr at /dev/null so the interpreter's exit flush raises nothing."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                os.dup2(devnull, stream.fileno())
+            except (OSError, ValueError, AttributeError):
+                pass
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

@@ -127,15 +127,20 @@ def match_segments(segmentation_node, overrides: dict | None = None) -> list[Seg
 
 
 def labels_from_segmentation(
-    segmentation_node, reference_volume=None, overrides: dict | None = None, add_body: bool = True
+    segmentation_node, reference_volume=None, overrides: dict | None = None, add_body: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> LabelBuild:
     """The MAISI label volume of a segmentation, on the reference volume's grid (exactly its
     IJKToRAS and shape) or, without one, on the segmentation's reference geometry.
 
-    Overlapping segments resolve tumours over organs over body, the smaller over the larger
-    (``maisicore.anatomy.labelmap.labels_from_masks``). With ``add_body`` the body envelope (label 200) fills
-    the body around the labels: from the reference CT (HU > -500) when given, else from the labels."""
-    from maisicore.anatomy.labelmap import labels_from_masks, with_body_envelope
+    One int16 array is filled segment by segment, read slice by slice from the segmentation's
+    layers: the extra memory is a few slices, whatever the number of segments. Overlapping segments
+    resolve as ``maisicore.anatomy.labelmap.paint_priority`` orders them (tumours over organs over
+    body, the smaller over the larger). With ``add_body`` the body envelope (label 200) fills the
+    body around the labels: from the reference CT (HU > -500) when given, else from the labels.
+    ``progress(done, total)``: slices painted, for a progress bar."""
+    from maisicore.anatomy.labelmap import ConversionReport, paint_priority, with_body_envelope
+    from maisicore.anatomy.labels import label_table
     from maisicore.io.geometry import Volume
 
     matches = match_segments(segmentation_node, overrides)
@@ -146,17 +151,51 @@ def labels_from_segmentation(
             f"no segment of {segmentation_node.GetName()!r} matches a MAISI label (segments: {names}); "
             "rename the segments, set their terminology, or map them in the segment table"
         )
-    masks, affine = mrml.segment_masks(segmentation_node, [m.segment_id for m in used], reference_volume)
-    grouped: dict[str, np.ndarray] = {}
-    for match in used:  # several segments may map to one label: their union
-        mask = masks[match.segment_id]
-        grouped[match.label_name] = grouped[match.label_name] | mask if match.label_name in grouped else mask
-    labels, report = labels_from_masks(grouped, affine)
+    shape, affine, grid_node = mask_grid_geometry(segmentation_node, reference_volume)
+    ids = [m.segment_id for m in used]
+    readable = mrml.segment_layers(segmentation_node, ids, shape, affine, grid_node)
+    if readable is not None:
+        layers, where = readable
+        voxels = mrml.count_segment_voxels(layers, where, shape[2])
+    else:  # no binary labelmap to read (e.g. closed surfaces) or a non-linear transform: export
+        voxels = {segment_id: int(mask.sum()) for segment_id, mask in mrml.exported_segment_masks(
+            segmentation_node, ids, reference_volume)}
+    # Several segments may map to one label: they are painted together, as one mask of their size.
+    size_of_label: dict[int, int] = {}
+    for match in used:
+        size_of_label[match.label_id] = size_of_label.get(match.label_id, 0) + voxels[match.segment_id]
+    table = label_table()
+    ranked = sorted(used, key=lambda m: paint_priority(table.by_id(m.label_id), size_of_label[m.label_id]))
+    order = [(m.segment_id, m.label_id) for m in ranked]
+    if readable is not None:
+        array = mrml.paint_segments(layers, where, order, shape, progress)
+    else:
+        array = np.zeros(shape, dtype=np.int16, order="F")
+        label_of = dict(order)
+        masks = dict(mrml.exported_segment_masks(segmentation_node, [s for s, _ in order], reference_volume))
+        for segment_id, _label in order:
+            array[masks.pop(segment_id)] = label_of[segment_id]
+    labels = Volume(array, affine)
+    body_voxels = 0
     if add_body:
-        ct = mrml.volume_from_node(reference_volume) if reference_volume is not None else None
+        report = ConversionReport()
+        ct = mrml.volume_view(reference_volume) if reference_volume is not None else None
         labels = with_body_envelope(labels, report, ct)
-    labels = Volume(labels.array.astype(np.int16), affine)
-    return LabelBuild(labels, matches, report.body_voxels_added, reference_volume)
+        labels = Volume(labels.array.astype(np.int16, copy=False), affine)
+        body_voxels = report.body_voxels_added
+    return LabelBuild(labels, matches, body_voxels, reference_volume)
+
+
+def mask_grid_geometry(segmentation_node, reference_volume=None):
+    """(shape (x, y, z) voxels, IJKToRAS, node whose coordinates the IJKToRAS is in) of the grid the
+    segmentation's labels take: the reference volume's, else the segmentation's reference geometry."""
+    if reference_volume is not None:
+        shape = tuple(int(d) for d in reference_volume.GetImageData().GetDimensions())
+        return shape, mrml.ijk_to_ras(reference_volume), reference_volume
+    grid = mrml.segmentation_grid(segmentation_node)
+    if grid is None:
+        raise ValueError(f"segmentation {segmentation_node.GetName()!r} has no geometry: choose a reference volume")
+    return grid[0], grid[1], segmentation_node
 
 
 def mask_grid(segmentation_node, reference_volume=None):
@@ -164,13 +203,8 @@ def mask_grid(segmentation_node, reference_volume=None):
     the reference volume's, else the segmentation's reference geometry."""
     from maisicore.io.geometry import Volume
 
-    if reference_volume is None:
-        grid = mrml.segmentation_grid(segmentation_node)
-        if grid is None:
-            raise ValueError(f"segmentation {segmentation_node.GetName()!r} has no geometry: choose a reference volume")
-        return Volume(np.zeros(grid[0], np.uint8), grid[1])
-    shape = tuple(int(d) for d in reference_volume.GetImageData().GetDimensions())
-    return Volume(np.zeros(shape, np.uint8), mrml.ijk_to_ras(reference_volume))
+    shape, affine, _node = mask_grid_geometry(segmentation_node, reference_volume)
+    return Volume(np.zeros(shape, np.uint8), affine)
 
 
 def inpaint_region_size(volume_node, diameter_mm: float) -> tuple[int, int, int]:

@@ -150,6 +150,38 @@ def reference_geometry_node(segmentation_node, reference_volume=None):
     return labelmap
 
 
+def volume_view(volume_node):
+    """A ``maisicore.io.geometry.Volume`` over the node's voxels without copying them: array
+    (x, y, z) = the transposed (k, j, i) view (read it, never write it), affine = the node's IJKToRAS."""
+    from maisicore.io.geometry import Volume, kji_to_ijk
+
+    return Volume(kji_to_ijk(slicer.util.arrayFromVolume(volume_node)), ijk_to_ras(volume_node))
+
+
+def exported_segment_masks(segmentation_node, ids: list[str], reference_volume=None):
+    """Yield (segment id, bool array (x, y, z)) for each of ``ids``, one at a time, exported by the
+    segmentations logic onto the reference volume's grid (else the segmentation's reference
+    geometry): only one segment's mask is alive at a time. Leaves the scene as it was."""
+    from maisicore.io.geometry import kji_to_ijk
+
+    logic = slicer.modules.segmentations.logic()
+    with temporary_nodes():
+        grid = reference_volume if reference_volume is not None else reference_geometry_node(segmentation_node)
+        temporary = _scratch_labelmap()
+        shape_kji = tuple(reversed(grid.GetImageData().GetDimensions()))
+        for segment_id in ids:
+            one = vtk.vtkStringArray()
+            one.InsertNextValue(segment_id)
+            if not logic.ExportSegmentsToLabelmapNode(
+                segmentation_node, one, temporary, grid, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
+            ):
+                raise RuntimeError(f"cannot export segment {segment_id!r} of {segmentation_node.GetName()!r}")
+            array = slicer.util.arrayFromVolume(temporary)
+            if array.shape != shape_kji:
+                raise RuntimeError(f"segment {segment_id!r} exported with shape {array.shape}, expected {shape_kji}")
+            yield segment_id, kji_to_ijk(array != 0)
+
+
 def segment_masks(segmentation_node, ids: list[str], reference_volume=None):
     """Binary masks of the segments ``ids`` on one grid: the reference volume's when given, else the
     segmentation's reference geometry. Returns ({segment id: bool array (x, y, z)}, affine index -> RAS).
@@ -219,3 +251,163 @@ def add_label_segmentation(labels, name: str, reference_node=None):
         if entry:
             set_segment_terminology(segment, entry)
     return segmentation
+
+
+# ---- segments -> one label array, slice by slice ------------------------------------------------
+#
+# A segmentation keeps its segments in a few labelmap layers (segments that do not overlap share a
+# layer, each with its own label value). Reading the layers slice by slice of the output grid, and
+# never exporting a whole segment, keeps the extra memory at a few slices besides the label array,
+# however many segments there are.
+
+
+def _to_world(node) -> np.ndarray | None:
+    """4x4 matrix from the node's local coordinates to world (RAS); identity without a parent
+    transform; None when the transform to world is not linear."""
+    parent = node.GetParentTransformNode() if node is not None else None
+    if parent is None:
+        return np.eye(4)
+    if not parent.IsTransformToWorldLinear():
+        return None
+    matrix = vtk.vtkMatrix4x4()
+    parent.GetMatrixTransformToWorld(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix).astype(np.float64)
+
+
+class _Layer:
+    """One labelmap layer of a segmentation, read on the output grid one axial slice (k) at a time.
+
+    values: the layer's voxels, (k, j, i) array (a view of the segmentation's data, never written);
+    index_to_output: 4x4 from the layer's index space to the output grid's index space."""
+
+    def __init__(self, values: np.ndarray, extent, index_to_output: np.ndarray, shape_xyz):
+        self.values = values
+        self.shape_xyz = tuple(int(s) for s in shape_xyz)
+        self.first = np.array(extent[0::2], dtype=np.int64)  # layer index of values[0, 0, 0] (i, j, k)
+        output_to_index = np.linalg.inv(index_to_output)
+        linear, offset = index_to_output[:3, :3], index_to_output[:3, 3]
+        rounded = np.rint(offset)
+        self.shift = None  # integer (i, j, k) offset when the layer lies on the output lattice
+        if np.allclose(linear, np.eye(3), atol=1e-4) and np.allclose(offset, rounded, atol=1e-3):
+            self.shift = rounded.astype(np.int64) + self.first
+        else:
+            nx, ny = self.shape_xyz[:2]
+            j, i = np.mgrid[:ny, :nx]
+            points = np.stack([i.ravel(), j.ravel(), np.zeros(i.size), np.ones(i.size)]).astype(np.float64)
+            self._base = (output_to_index @ points)[:3]  # layer index of slice k = 0, (3, ny*nx)
+            self._step = output_to_index[:3, 2]  # change per output slice
+
+    def slice(self, k: int) -> np.ndarray | None:
+        """The layer's values on output slice ``k`` as a (y, x) array (0 outside the layer), or None
+        when the layer does not reach that slice."""
+        nx, ny, _nz = self.shape_xyz
+        size = np.array(self.values.shape[::-1], dtype=np.int64)  # (i, j, k) voxels of the layer
+        if self.shift is not None:
+            kk = k - self.shift[2]
+            if not 0 <= kk < size[2]:
+                return None
+            lo = np.maximum(self.shift[:2], 0)
+            hi = np.minimum(self.shift[:2] + size[:2], (nx, ny))
+            if np.any(hi <= lo):
+                return None
+            out = np.zeros((ny, nx), dtype=self.values.dtype)
+            src = lo - self.shift[:2]
+            out[lo[1]:hi[1], lo[0]:hi[0]] = self.values[kk, src[1]:src[1] + hi[1] - lo[1], src[0]:src[0] + hi[0] - lo[0]]
+            return out
+        index = np.rint(self._base + k * self._step[:, None]).astype(np.int64) - self.first[:, None]
+        inside = np.all((index >= 0) & (index < size[:, None]), axis=0)
+        if not inside.any():
+            return None
+        out = np.zeros(ny * nx, dtype=self.values.dtype)
+        i, j, kk = index[:, inside]
+        out[inside] = self.values[kk, j, i]
+        return out.reshape(ny, nx)
+
+
+def segment_layers(segmentation_node, ids: list[str], shape_xyz, ijk_to_ras_output: np.ndarray,
+                   grid_node=None) -> tuple[dict[int, _Layer], dict[str, tuple[int, int]]] | None:
+    """The labelmap layers holding segments ``ids``, readable on the output grid (``shape_xyz``
+    voxels, IJKToRAS ``ijk_to_ras_output`` in ``grid_node``'s coordinates), and where each segment
+    is: {segment id: (layer index, label value)}. None when they cannot be read directly (a segment
+    without a binary labelmap, or a non-linear transform): export the segments instead."""
+    segmentation = segmentation_node.GetSegmentation()
+    name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    seg_to_world, grid_to_world = _to_world(segmentation_node), _to_world(grid_node)
+    if seg_to_world is None or grid_to_world is None:
+        return None
+    output_index_to_world = grid_to_world @ ijk_to_ras_output
+    layers, where = {}, {}
+    for segment_id in ids:
+        segment = segmentation.GetSegment(segment_id)
+        image = segment.GetRepresentation(name) if segment is not None else None
+        if image is None or image.GetPointData().GetScalars() is None:
+            return None
+        layer = segmentation.GetLayerIndex(segment_id)
+        where[segment_id] = (layer, int(segment.GetLabelValue()))
+        if layer in layers:
+            continue
+        matrix = vtk.vtkMatrix4x4()
+        image.GetImageToWorldMatrix(matrix)
+        image_to_world = seg_to_world @ slicer.util.arrayFromVTKMatrix(matrix).astype(np.float64)
+        values = slicer.util.arrayFromSegmentInternalBinaryLabelmap(segmentation_node, segment_id)
+        layers[layer] = _Layer(values, image.GetExtent(), np.linalg.inv(output_index_to_world) @ image_to_world, shape_xyz)
+    return layers, where
+
+
+def _lookup(size: int, entries: dict[int, int], dtype) -> np.ndarray:
+    table = np.zeros(size, dtype=dtype)
+    for value, item in entries.items():
+        if 0 < value < size:
+            table[value] = item
+    return table
+
+
+def _layer_size(layer: _Layer, where: dict, layer_index: int) -> int:
+    """Entries a lookup table of the layer's values needs (its largest value + 1)."""
+    used = [value for (index, value) in where.values() if index == layer_index]
+    return int(max(int(layer.values.max(initial=0)), *used)) + 1
+
+
+def count_segment_voxels(layers: dict[int, _Layer], where: dict[str, tuple[int, int]], nz: int) -> dict[str, int]:
+    """Voxels of each segment on the output grid (``nz`` slices), counted slice by slice."""
+    counts = {index: np.zeros(_layer_size(layer, where, index), np.int64) for index, layer in layers.items()}
+    for k in range(nz):
+        for index, layer in layers.items():
+            values = layer.slice(k)
+            if values is not None:
+                counts[index] += np.bincount(values.ravel(), minlength=counts[index].size)[:counts[index].size]
+    return {segment_id: int(counts[index][value]) for segment_id, (index, value) in where.items()}
+
+
+def paint_segments(layers: dict[int, _Layer], where: dict[str, tuple[int, int]], order: list[tuple[str, int]],
+                   shape_xyz, progress=None) -> np.ndarray:
+    """One int16 label array (x, y, z; Fortran order, so its (z, y, x) view is C-contiguous) with the
+    segments painted in ``order`` [(segment id, label value)]: where segments overlap, the later one
+    in ``order`` wins. Built slice by slice: besides this array only a few slices are held.
+    ``progress(done, total)`` is called after each slice."""
+    nx, ny, nz = (int(s) for s in shape_xyz)
+    labels = np.zeros((nx, ny, nz), dtype=np.int16, order="F")
+    kji = labels.T
+    rank_of = {segment_id: rank + 1 for rank, (segment_id, _label) in enumerate(order)}
+    label_of = dict(order)
+    tables = {}
+    for index, layer in layers.items():
+        size = _layer_size(layer, where, index)
+        members = {value: segment_id for segment_id, (i, value) in where.items() if i == index and segment_id in rank_of}
+        tables[index] = (_lookup(size, {v: rank_of[s] for v, s in members.items()}, np.int32),
+                         _lookup(size, {v: label_of[s] for v, s in members.items()}, np.int16))
+    for k in range(nz):
+        rank = np.zeros((ny, nx), np.int32)
+        for index, layer in layers.items():
+            values = layer.slice(k)
+            if values is None:
+                continue
+            ranks, ids = tables[index]
+            layer_rank = ranks[values]
+            better = layer_rank > rank
+            if better.any():
+                kji[k][better] = ids[values[better]]
+                rank[better] = layer_rank[better]
+        if progress is not None:
+            progress(k + 1, nz)
+    return labels

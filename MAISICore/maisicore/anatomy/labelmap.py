@@ -69,6 +69,14 @@ def _tier(info: LabelInfo) -> int:
     return 1 if info.name == BODY_NAME else 2
 
 
+def paint_priority(info: LabelInfo, voxels: int) -> tuple[int, int]:
+    """Sort key of the painting order where masks overlap: paint in ascending order, each mask over
+    the earlier ones, so the last painted wins. Body first, then organs and other structures, then
+    tumours; within a tier the larger first (``voxels``: the mask's size on the output grid), so
+    small structures stay visible. Ties keep their given order (sort stably)."""
+    return _tier(info), -int(voxels)
+
+
 def labels_from_masks(
     masks: Mapping[str, np.ndarray], affine: np.ndarray, names_are_totalsegmentator: bool = False
 ) -> tuple[Volume, ConversionReport]:
@@ -100,8 +108,7 @@ def labels_from_masks(
         raise InputError("no masks given")
     out = np.zeros(shape, dtype=np.int16)
     claimed = np.zeros(shape, dtype=np.uint8)
-    # Paint low priority first, larger first, so tumours and small structures end on top.
-    for info, _source, mask, _voxels in sorted(resolved, key=lambda r: (_tier(r[0]), -r[3])):
+    for info, _source, mask, _voxels in sorted(resolved, key=lambda r: paint_priority(r[0], r[3])):
         out[mask] = info.id
         claimed[mask] = np.minimum(claimed[mask] + 1, 2)
     report.overlap_voxels = int((claimed > 1).sum())
@@ -168,11 +175,26 @@ def _stem(path: Path) -> str:
     return path.name[: len(path.name) - len(ext)] if ext else path.stem
 
 
+def check_binary_mask(array: np.ndarray, name: str, allow_empty: bool = False) -> None:
+    """Refuse (one line) a mask with fractional values, or an empty one unless ``allow_empty``."""
+    values = np.asarray(array)
+    if not np.issubdtype(values.dtype, np.integer) and not np.issubdtype(values.dtype, np.bool_):
+        finite = values[np.isfinite(values)] if values.size else values
+        fractional = finite[finite != np.rint(finite)]
+        if fractional.size:
+            raise InputError(f"mask {name}: holds fractional values (e.g. {float(fractional.flat[0]):g}); a mask must "
+                             "be binary: threshold it (e.g. at 0.5) first")
+    if not allow_empty and not np.any(values):
+        raise InputError(f"mask {name}: every voxel is 0; give a mask that marks the structure")
+
+
 def _masks_on_one_grid(volumes: Mapping[str, Volume], names_are_totalsegmentator: bool):
     first_name, first = next(iter(volumes.items()))
     for name, volume in volumes.items():
         if not volume.same_grid(first):
             raise InputError(f"mask {name!r} is not on the grid of {first_name!r}; resample the masks to one grid")
+        # TotalSegmentator writes a file for every class, empty when the class is absent: skipped.
+        check_binary_mask(volume.array, repr(name), allow_empty=names_are_totalsegmentator)
     return labels_from_masks({n: v.array for n, v in volumes.items()}, first.affine, names_are_totalsegmentator)
 
 
@@ -181,9 +203,12 @@ def with_body_envelope(labels: Volume, report: ConversionReport, ct: Volume | No
     body_id = label_table().by_name(BODY_NAME).id
     ct_array = None
     if ct is not None:
-        if not ct.same_grid(labels):
+        from ..io.geometry import onto_grid_of
+
+        aligned = onto_grid_of(ct, labels)  # the same voxels in another axis order (e.g. DICOM vs NIfTI) is fine
+        if aligned is None:
             raise InputError("--ct is not on the segmentation's grid (shape and affine must match)")
-        ct_array = ct.array
+        ct_array = aligned.array
     out, added = add_body_envelope(labels.array, body_id, ct_array, labels.spacing)
     report.body_voxels_added = added
     return Volume(out, labels.affine)

@@ -10,14 +10,16 @@ from ..anatomy.labels import region_one_hot
 from ..models.presets import ModelPreset
 
 
-def binarize_labels(labels: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """ControlNet condition: label ids (B, 1, X, Y, Z) integer -> (B, bits, X, Y, Z) uint8 bit planes,
-    least significant bit first (reference encoding)."""
+def binarize_labels(labels: torch.Tensor, bits: int = 8, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """ControlNet condition: label ids (B, 1, X, Y, Z) integer -> (B, bits, X, Y, Z) 0/1 bit planes of
+    ``dtype``, least significant bit first (reference encoding). Filled plane by plane: beyond the
+    result it holds one plane of temporaries (not ``bits`` × int64 copies of the volume)."""
     if labels.ndim != 5 or labels.shape[1] != 1:
         raise ValueError(f"labels must be (B, 1, X, Y, Z), got {tuple(labels.shape)}")
-    weights = 2 ** torch.arange(bits, device=labels.device, dtype=labels.dtype)
-    planes = labels.unsqueeze(-1).bitwise_and(weights).ne(0).to(torch.uint8)  # (B, 1, X, Y, Z, bits)
-    return planes.squeeze(1).permute(0, 4, 1, 2, 3).contiguous()
+    out = torch.empty((labels.shape[0], bits, *labels.shape[2:]), dtype=dtype, device=labels.device)
+    for bit in range(bits):
+        out[:, bit] = labels[:, 0].bitwise_right_shift(bit).bitwise_and(1)
+    return out
 
 
 def unet_inputs(
@@ -63,4 +65,4 @@ def unet_inputs(
 
 def controlnet_condition(labels: torch.Tensor, preset: ModelPreset, device=None, dtype=torch.float32) -> torch.Tensor:
     """The ControlNet's condition for label ids (B, 1, X, Y, Z): 8 bit planes as ``dtype`` on ``device``."""
-    return binarize_labels(labels, preset.label_bits).to(device or labels.device, dtype)
+    return binarize_labels(labels.to(device or labels.device), preset.label_bits, dtype)

@@ -108,3 +108,16 @@ def undo_reorientation(array: np.ndarray, reorientation: Reorientation) -> np.nd
     if out.shape != reorientation.shape:
         raise AssertionError(f"reorientation round trip gave {out.shape}, expected {reorientation.shape}")
     return np.ascontiguousarray(out)
+
+
+def onto_grid_of(volume: Volume, reference: Volume, atol_mm: float = 1e-3) -> Volume | None:
+    """``volume`` permuted/flipped (no resampling) into ``reference``'s index order when both lie on
+    the same voxel lattice (e.g. a DICOM series and a NIfTI conversion of it with a flipped axis);
+    None when they do not."""
+    import nibabel.orientations as nio
+
+    transform = nio.ornt_transform(nio.io_orientation(volume.affine), nio.io_orientation(reference.affine))
+    array = nio.apply_orientation(volume.array, transform)
+    affine = volume.affine @ nio.inv_ornt_aff(transform, volume.shape)
+    moved = Volume(np.ascontiguousarray(array), affine)
+    return moved if moved.same_grid(reference, atol_mm) else None

@@ -1,4 +1,6 @@
-"""Reading and writing volumes: NIfTI (``.nii``, ``.nii.gz``) and NRRD (``.nrrd``), chosen by extension.
+"""Reading and writing volumes: NIfTI (``.nii``, ``.nii.gz``) and NRRD (``.nrrd``), chosen by extension;
+DICOM series and DICOM SEG (a folder, ``FOLDER#SeriesInstanceUID`` or a DICOM file) are read through
+``maisicore.io.dicom``.
 
 Files are read into ``Volume`` (array (x, y, z), affine index → RAS mm). Writes go to a temporary
 file beside the target and are renamed into place, so a failure never leaves a half-written file.
@@ -30,6 +32,8 @@ def check_output_folder(path: str | os.PathLike, what: str = "output") -> Path:
     """Refuse, before any compute, an output path whose folder is missing or not writable."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a folder; give a file name")
     if not folder.is_dir():
         raise InputError(f"{what} {path}: folder {folder} does not exist; create it first")
     if not os.access(folder, os.W_OK):
@@ -59,22 +63,51 @@ def read_json(path: str | os.PathLike, what: str):
         raise InputError(f"{what} {path}: not valid JSON ({exc})") from exc
 
 
-def read_volume(path: str | os.PathLike) -> Volume:
-    """Read a NIfTI or NRRD file as a ``Volume`` (array (x, y, z), affine index → RAS, mm)."""
-    path = Path(path)
+def read_volume(path: str | os.PathLike, modality: str | None = None) -> Volume:
+    """Read a NIfTI or NRRD file, a DICOM series or a DICOM SEG as a ``Volume`` (array (x, y, z),
+    affine index → RAS, mm).
+
+    A folder, ``FOLDER#SeriesInstanceUID`` or a DICOM file is read as DICOM (``maisicore.io.dicom``);
+    ``modality`` (``"CT"``) then refuses a series of another modality. A SEG gives MAISI label ids.
+    """
     ext = volume_extension(path)
     if ext is None:
-        raise InputError(f"{path}: unknown extension; use one of {', '.join(VOLUME_EXTENSIONS)}")
+        from .dicom import is_dicom_path, read_dicom, split_series
+
+        if not split_series(path)[0].exists():
+            raise InputError(f"{path}: no such file or folder")
+        if is_dicom_path(path):
+            return read_dicom(path, modality)
+        raise InputError(f"{path}: unknown extension; use one of {', '.join(VOLUME_EXTENSIONS)}, or a DICOM "
+                         "series (its folder or one of its files) or a DICOM SEG")
+    path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     try:
-        if ext == ".nrrd":
-            return _read_nrrd(path)
-        return _read_nifti(path)
+        volume = _read_nrrd(path) if ext == ".nrrd" else _read_nifti(path)
     except InputError:
         raise
     except Exception as exc:  # a corrupt or foreign file: say which and why, in one line
         raise InputError(f"{path}: cannot be read as {ext} ({type(exc).__name__}: {exc})") from exc
+    check_volume(volume, str(path))
+    return volume
+
+
+def check_volume(volume: Volume, name: str) -> None:
+    """Refuse (one line) a volume whose affine is not finite or not invertible, or whose voxels are
+    not all finite numbers."""
+    affine = np.asarray(volume.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)):
+        raise InputError(f"{name}: its affine (voxel → mm) holds NaN or infinite values; fix the file's geometry")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(f"{name}: its affine (voxel → mm) is singular (a zero or repeated axis); fix the file's "
+                         "spacing/direction")
+    array = np.asarray(volume.array)
+    if np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.complexfloating):
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise InputError(f"{name}: {bad} voxel(s) are NaN or infinite; replace them with finite values "
+                             "(e.g. -1000 HU for air) first")
 
 
 def _read_nifti(path: Path) -> Volume:
@@ -116,10 +149,56 @@ def write_volume(path: str | os.PathLike, volume: Volume) -> Path:
     return atomic_write(path, lambda tmp: writer(tmp, volume), suffix=ext)
 
 
+TEMP_MARK = ".maisi-"  # temporary files: .NAME.maisi-PID.RANDOM.tmpEXT beside the target
+_written_this_run: list[Path] = []
+
+
+def written_files() -> list[Path]:
+    """Files this process has renamed into place so far (for messages after an interruption)."""
+    return list(_written_this_run)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete this program's temporary files in ``folder`` whose writing process is gone (left by a
+    SIGKILL or a power cut); returns what was removed."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        if not name.startswith(".") or TEMP_MARK not in name or ".tmp" not in name:
+            continue
+        pid_text = name.split(TEMP_MARK, 1)[1].split(".", 1)[0]
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
+            try:
+                entry.unlink()
+                removed.append(entry)
+            except OSError:
+                pass
+    return removed
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: str = "") -> Path:
-    """Call ``write(tmp_path)`` on a temporary file in ``path``'s folder, then rename it to ``path``."""
+    """Call ``write(tmp_path)`` on a temporary file in ``path``'s folder, then rename it to ``path``.
+
+    The temporary file's name carries this process's id, so stale ones (their writer killed) are
+    recognised and removed the next time something is written into the folder."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent or ".")
+    folder = path.parent if str(path.parent) else Path(".")
+    remove_stale_temporaries(folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}{os.getpid()}.", suffix=f".tmp{suffix}", dir=folder)
     os.close(fd)
     try:
         write(tmp)
@@ -127,6 +206,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: 
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
+        _written_this_run.append(path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -1,22 +1,26 @@
-"""NVIDIA's official MAISI weights: where they are published, their licence, and a safe download.
+"""NVIDIA's official MAISI weights: where they are published, their licence, and their download
+through ``huggingface_hub``.
 
 What lives here:
 - ``OFFICIAL_MODELS``: per model, the three checkpoints (names from ``maisicore.models.presets``) in the
   Hugging Face repo ``nvidia/NV-Generate-CT`` (revision ``main``), approximate sizes, the licence,
   and the optional candidate-mask database (``--include-datasets``).
 - Licence acceptance, remembered per model in ``$MAISI_HOME/licenses_accepted.json``.
-- ``download_model``: free-disk check first, then resumable HTTP downloads (``Range`` into
-  ``NAME.part``), each file renamed into place only when complete, its sha256 recorded in
-  ``hashes.json`` at the first download (the publisher gives none) and checked on later ones.
+- ``download_model``: the Hub's metadata of every file first (size, sha256), the free-disk check, then
+  ``huggingface_hub.hf_hub_download`` into the model folder; each file is checked against the sha256
+  the Hub publishes for LFS files (the git blob sha1 for small files) and recorded in ``hashes.json``.
 - ``verify_model``, ``model_status``, ``remove_model`` for ``maisi weights verify | list | remove``.
 
-What is NOT here: reading checkpoints (``maisicore.models.weights``), argparse (``maisicore.cli``).
+What is NOT here: HTTP, redirects, retries and resuming a cut connection (``huggingface_hub``: it
+also honours ``HF_TOKEN`` and proxies, and uses Xet storage when the Hub offers it), reading
+checkpoints (``maisicore.models.weights``), argparse (``maisicore.cli``).
 
 Layout: ``$MAISI_HOME/weights/MODEL/models/NAME.pt`` plus ``maisi_model.json`` (the card
 ``maisicore.models.weights`` reads) and ``hashes.json``; datasets in ``$MAISI_HOME/datasets/``, where
-``maisi generate --anatomy`` looks by default. HTTP is the standard library's ``urllib`` (which
-honours ``https_proxy``/``no_proxy``); ``--base-url`` or ``MAISI_WEIGHTS_BASE_URL`` names a mirror
-that serves ``{base}/{repo}/resolve/{revision}/{path}`` like Hugging Face.
+``maisi generate --anatomy`` looks by default (huggingface_hub keeps its own download metadata in
+``.cache/huggingface/`` beside them). The server: ``--base-url``, else ``$MAISI_WEIGHTS_BASE_URL``,
+else ``$HF_ENDPOINT``, else https://huggingface.co; any of them serves
+``{base}/{repo}/resolve/{revision}/{path}`` as the Hub does.
 """
 
 from __future__ import annotations
@@ -26,18 +30,12 @@ import json
 import os
 import re
 import shutil
-import sys
-import urllib.error
-import urllib.request
 import zipfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from http.client import HTTPException
 from pathlib import Path, PurePosixPath
 
-from .. import __version__
 from ..anatomy.maskdb import CANDIDATE_MASK_INDEX, MASK_FILES_FOLDER
 from ..errors import InputError
 from ..io.volumes import atomic_write
@@ -48,17 +46,15 @@ from .weights import MODEL_CARD, MODELS_SUBDIR, default_weights_root
 HF_REPO = "nvidia/NV-Generate-CT"
 HF_REVISION = "main"
 DEFAULT_BASE_URL = "https://huggingface.co"
-URL_PATTERN = "{base_url}/{repo}/resolve/{revision}/{path}"
-BASE_URL_ENV = "MAISI_WEIGHTS_BASE_URL"
+BASE_URL_ENV = "MAISI_WEIGHTS_BASE_URL"  # a mirror for maisi only; HF_ENDPOINT is huggingface_hub's
+HF_ENDPOINT_ENV = "HF_ENDPOINT"
 DISK_FREE_ENV = "MAISI_DISK_FREE_BYTES"  # simulated free disk space, bytes (tests)
 HASHES_FILE = "hashes.json"
 LICENSES_FILE = "licenses_accepted.json"
-PART_SUFFIX = ".part"
-VALIDATOR_SUFFIX = ".validator"  # beside NAME.part: the ETag/Last-Modified it was started from
-LOCK_FILE = ".download.lock"
-CHUNK_BYTES = 1 << 20
-TIMEOUT_S = 60
-
+HF_METADATA_FOLDER = ".cache"  # huggingface_hub's download metadata inside a local_dir
+CHUNK_BYTES = 1 << 22
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_GIT_SHA1 = re.compile(r"[0-9a-f]{40}")
 
 @dataclass(frozen=True)
 class License:
@@ -153,7 +149,6 @@ def official_model(name: str) -> OfficialModel:
         raise InputError(f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}")
     return OFFICIAL_MODELS[name]
 
-
 # ---- places -------------------------------------------------------------------------------------
 
 
@@ -168,17 +163,24 @@ def datasets_root() -> Path:
 
 
 def resolve_base_url(base_url: str | None = None) -> str:
-    """The mirror to download from: ``base_url``, else ``$MAISI_WEIGHTS_BASE_URL``, else Hugging Face."""
-    chosen = base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
-    source = "--base-url" if base_url else (BASE_URL_ENV if os.environ.get(BASE_URL_ENV) else "default base URL")
+    """The server to download from: ``base_url``, else ``$MAISI_WEIGHTS_BASE_URL``, else
+    ``$HF_ENDPOINT``, else Hugging Face."""
+    source, chosen = "default base URL", DEFAULT_BASE_URL
+    for name, value in (("--base-url", base_url), (BASE_URL_ENV, os.environ.get(BASE_URL_ENV)),
+                        (HF_ENDPOINT_ENV, os.environ.get(HF_ENDPOINT_ENV))):
+        if value:
+            source, chosen = name, value
+            break
     if not re.match(r"^https?://[^/\s]+", chosen):
         raise InputError(f"{source} {chosen!r}: must be an http:// or https:// URL (e.g. {DEFAULT_BASE_URL})")
     return chosen.rstrip("/")
 
 
 def file_url(base_url: str, model: OfficialModel, remote: RemoteFile) -> str:
-    """URL of ``remote`` on the mirror: ``{base_url}/{repo}/resolve/{revision}/{path}``."""
-    return URL_PATTERN.format(base_url=base_url, repo=model.repo, revision=model.revision, path=remote.repo_path)
+    """URL of ``remote`` on the server: ``{base_url}/{repo}/resolve/{revision}/{path}``."""
+    from huggingface_hub import hf_hub_url
+
+    return hf_hub_url(model.repo, remote.repo_path, revision=model.revision, endpoint=base_url)
 
 
 # ---- licence acceptance -------------------------------------------------------------------------
@@ -235,7 +237,6 @@ def check_license(name: str, accept: bool) -> bool:
         )
     return True
 
-
 # ---- hashes -------------------------------------------------------------------------------------
 
 
@@ -243,13 +244,22 @@ def sha256_of(path: Path) -> str:
     """Hex sha256 of a file, read in chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(4 * CHUNK_BYTES), b""):
+        for block in iter(lambda: handle.read(CHUNK_BYTES), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def git_blob_sha1(path: Path) -> str:
+    """Git's blob id of a file (sha1 of ``blob SIZE\\0`` + content): the Hub's ETag of a non-LFS file."""
+    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())  # noqa: S324 - git's id, not a security hash
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(CHUNK_BYTES), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
 def read_hashes(folder: Path) -> dict[str, dict]:
-    """``folder/hashes.json``: relative path -> {"sha256", "size", "recorded", "url"[, "unpacked_to"]}."""
+    """``folder/hashes.json``: relative path -> {"sha256", "size", "recorded", "url", "published"[, "unpacked_to"]}."""
     return _read_json(Path(folder) / HASHES_FILE, {})
 
 
@@ -273,181 +283,70 @@ def _record_hash(root: Path, remote: RemoteFile, entry: dict) -> None:
     _write_json(folder / HASHES_FILE, hashes)
 
 
-# ---- HTTP -----------------------------------------------------------------------------------------
-
-
-class _Interrupted(Exception):
-    """The connection broke or the server answered wrongly; carries a one-line reason."""
-
-
-class _RedirectKeepingHead(urllib.request.HTTPRedirectHandler):
-    """Follow redirects (Hugging Face sends large files to a CDN) without turning HEAD into GET,
-    which Python before 3.12 does."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and req.get_method() == "HEAD":
-            new.method = "HEAD"
-        return new
-
-
-_OPENER = urllib.request.build_opener(_RedirectKeepingHead)
-
-
-def _request(url: str, method: str = "GET", start: int = 0, if_range: str | None = None):
-    headers = {"User-Agent": f"maisi/{__version__} (SlicerMAISI)", "Accept-Encoding": "identity"}
-    if start:
-        headers["Range"] = f"bytes={start}-"
-        if if_range:  # the server sends the whole file (200) if it changed since the part was started
-            headers["If-Range"] = if_range
-    try:
-        return _OPENER.open(urllib.request.Request(url, headers=headers, method=method), timeout=TIMEOUT_S)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 416:
-            return exc  # range past the end: the caller reads Content-Range
-        if exc.code >= 500 or exc.code == 429:  # the server's trouble: worth trying again later
-            raise _Interrupted(f"{url}: the server answered {exc.code} {exc.reason}") from None
-        hint = {401: "the mirror needs credentials", 403: "access refused", 404: "no such file: check --base-url"}
-        raise InputError(
-            f"{url}: the server answered {exc.code} {exc.reason} ({hint.get(exc.code, 'check --base-url')})"
-        ) from None
-    except (urllib.error.URLError, HTTPException, OSError) as exc:
-        raise _Interrupted(f"{url}: {_reason(exc)}") from exc
-
-
-def _reason(exc: BaseException) -> str:
-    reason = getattr(exc, "reason", None) or exc
-    return f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__
-
-
-def remote_size(url: str) -> int | None:
-    """Content-Length of a HEAD request (after redirects), or None when the server gives none."""
-    with _request(url, "HEAD") as response:
-        length = response.headers.get("Content-Length")
-    return int(length) if length and length.isdigit() else None
-
-
-def _validator_of(response) -> str | None:
-    """What identifies this version of the file for ``If-Range``: a strong ETag, else Last-Modified."""
-    etag = response.headers.get("ETag")
-    if etag and not etag.startswith("W/"):
-        return etag
-    return response.headers.get("Last-Modified")
-
-
-def validator_path(part: Path) -> Path:
-    """Sidecar of ``NAME.part`` holding the validator of the version being downloaded."""
-    return part.with_name(part.name + VALIDATOR_SUFFIX)
-
-
-_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")  # 206: first-last/total
-_RANGE_TOTAL = re.compile(r"/(\d+)\s*$")  # 416: */total
-
-
-def _fetch_into(url: str, part: Path, name: str, expected: int | None, show_progress: bool) -> tuple[int, int]:
-    """Bring ``part`` to the whole file, resuming from its current size; returns the file size and
-    the bytes received.
-
-    A 206 reply is appended; a 200 reply to a range request (the server ignores ranges, or the file
-    changed since the part was started: ``If-Range``) restarts the file from byte 0; 416 means the
-    part is already whole (or wrong, then it restarts).
-    """
-    start = part.stat().st_size if part.exists() else 0
-    if expected is not None and start > expected:
-        start = 0
-    sidecar = validator_path(part)
-    started_from = sidecar.read_text().strip() if start and sidecar.is_file() else None
-    response = _request(url, "GET", start, if_range=started_from)
-    with response:
-        status = getattr(response, "status", None) or response.code
-        range_header = response.headers.get("Content-Range", "") or ""
-        content_range = _CONTENT_RANGE.match(range_header)
-        length = response.headers.get("Content-Length")
-        if status == 416:
-            total = _RANGE_TOTAL.search(range_header)
-            if total and start == int(total.group(1)):
-                return start, 0
-            part.unlink(missing_ok=True)
-            return _fetch_into(url, part, name, expected, show_progress)
-        if status == 206:
-            if not content_range or int(content_range.group(1)) != start:
-                part.unlink(missing_ok=True)  # not the range asked for: start over cleanly
-                return _fetch_into(url, part, name, expected, show_progress)
-            offset = start
-            total = int(content_range.group(3)) if content_range.group(3) != "*" else expected
-        else:  # 200: the whole file, whatever was asked
-            offset = 0
-            total = int(length) if length and length.isdigit() else expected
-        if offset == 0:
-            validator = _validator_of(response)
-            if validator:
-                sidecar.write_text(validator + "\n")
-            else:
-                sidecar.unlink(missing_ok=True)
-        received = _stream(response, url, part, offset, total, name, show_progress)
-    size = part.stat().st_size
-    if total is not None and size != total:
-        raise _Interrupted(f"{url}: the connection ended after {size} of {total} bytes")
-    return size, received
-
-
-def _stream(response, url: str, part: Path, offset: int, total: int | None, name: str, show_progress: bool) -> int:
-    """Copy the response body into ``part`` from ``offset`` (append or fresh), with a progress bar;
-    returns the bytes received."""
-    from tqdm import tqdm
-
-    received = 0
-    bar = tqdm(total=total, initial=offset, desc=name, unit="B", unit_scale=True, unit_divisor=1000,
-               file=sys.stderr, dynamic_ncols=True, mininterval=0.5, disable=not show_progress)
-    try:
-        with open(part, "ab" if offset else "wb") as out:
-            out.truncate(offset)
-            out.seek(offset)
-            while True:
-                try:
-                    block = response.read(CHUNK_BYTES)
-                except (HTTPException, OSError) as exc:
-                    raise _Interrupted(f"{url}: {_reason(exc)}") from exc
-                if not block:
-                    break
-                out.write(block)
-                received += len(block)
-                bar.update(len(block))
-            out.flush()
-            os.fsync(out.fileno())
-    finally:
-        bar.close()
-    return received
-
-
-# ---- download -----------------------------------------------------------------------------------
+# ---- the Hub ------------------------------------------------------------------------------------
 
 
 @dataclass
 class Transfer:
-    """One file to fetch: from ``url`` to ``root/remote.repo_path``; ``size`` from HEAD (bytes)."""
+    """One file to fetch into ``root/remote.repo_path``, with what the Hub says of it: ``size``
+    (bytes) and ``etag`` (the sha256 of an LFS file, the git blob sha1 of a small one)."""
 
     remote: RemoteFile
     url: str
     root: Path
     size: int | None = None
+    etag: str | None = None
 
     @property
     def target(self) -> Path:
         return self.root / self.remote.repo_path
 
     @property
-    def part(self) -> Path:
-        return self.target.with_name(self.target.name + PART_SUFFIX)
+    def published_sha256(self) -> str | None:
+        return self.etag if self.etag and _SHA256.fullmatch(self.etag) else None
 
     def bytes_needed(self) -> int:
-        """Disk space still needed (bytes): the rest of the file, plus its unpacked size for a zip."""
+        """Disk space needed (bytes): the file, plus its unpacked size for a zip."""
         size = self.size if self.size is not None else (self.remote.approx_bytes or 0)
-        have = self.part.stat().st_size if self.part.is_file() else 0
         unpacked = 0
         if self.remote.unpack and self.remote.approx_bytes and self.remote.approx_unpacked_bytes:
             unpacked = size * self.remote.approx_unpacked_bytes // self.remote.approx_bytes  # published ratio
-        return max(size - have, 0) + unpacked
+        return size + unpacked
+
+
+def _hub_error(exc: BaseException, url: str, name: str) -> InputError:
+    """One line for a failed request to the Hub: what the server said and what to do."""
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(exc, GatedRepoError) or status in (401, 403):
+        return InputError(
+            f"{url}: the server refused access ({status}); the repository is gated or private for you: accept its "
+            f"terms on the Hub and set HF_TOKEN to a token of that account (or run `hf auth login`)"
+        )
+    if status == 404:
+        return InputError(f"{url}: the server answered 404 (no such file): check --base-url, "
+                          f"{BASE_URL_ENV} or {HF_ENDPOINT_ENV}")
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, HfHubHTTPError):
+        return InputError(f"the weights server answered {status} for {url} ({reason[:200]}); try again later, then "
+                          f"run `maisi weights download {name}` again")
+    return InputError(f"cannot reach the weights server ({type(exc).__name__}: {reason[:200]}); check the network, "
+                      f"--base-url or {HF_ENDPOINT_ENV}, then run `maisi weights download {name}` again")
+
+
+def _ask_hub(transfer: Transfer, name: str) -> None:
+    """Fill ``size`` and ``etag`` from a HEAD request (``huggingface_hub.get_hf_file_metadata``)."""
+    from huggingface_hub import get_hf_file_metadata
+
+    try:
+        metadata = get_hf_file_metadata(transfer.url)
+    except Exception as exc:  # the library's HTTP and transport errors: one line, nothing written
+        raise _hub_error(exc, transfer.url, name) from None
+    transfer.size, transfer.etag = metadata.size, (metadata.etag or "").strip('"').lower() or None
+
+
+# ---- download -----------------------------------------------------------------------------------
 
 
 def _is_present(root: Path, remote: RemoteFile) -> bool:
@@ -503,6 +402,22 @@ def plan_download(name: str, base_url: str, include_datasets: bool) -> list[Tran
     return [t for t in transfers if not _is_present(t.root, t.remote)]
 
 
+def _check_unchanged(transfer: Transfer, name: str) -> None:
+    """Refuse a file whose published sha256 differs from the one recorded at the first download."""
+    recorded = recorded_hash(transfer.root, transfer.remote) or {}
+    published = transfer.published_sha256
+    if published and recorded.get("sha256") and recorded["sha256"] != published:
+        hashes_file = _hash_place(transfer.root, transfer.remote)[0] / HASHES_FILE
+        forget = f"`maisi weights remove {name} --yes`, or edit {hashes_file}"
+        if transfer.remote.repo_path.startswith(DATASETS_SUBDIR + "/"):
+            forget = f"edit {hashes_file}"
+        raise InputError(
+            f"{transfer.target}: the published file's sha256 {published[:16]}… differs from {recorded['sha256'][:16]}… "
+            f"recorded at the first download (the file changed on the Hub); to accept the new file, forget the old "
+            f"hash ({forget}) and download again"
+        )
+
+
 def download_model(
     name: str,
     accept_license: bool = False,
@@ -513,9 +428,10 @@ def download_model(
 ) -> DownloadReport:
     """Download the official weights of ``name`` into ``$MAISI_HOME/weights/NAME`` (see module doc).
 
-    Order: licence, free disk, then each file (resuming ``.part`` files); nothing is written before
-    the licence and the disk check pass. Network failures raise a one-line ``InputError`` saying to
-    re-run the command, which resumes.
+    Order: licence, the Hub's metadata of every missing file (a file that changed since its first
+    download is refused), free disk, then each file; nothing is written before these checks pass.
+    A failed transfer raises a one-line ``InputError`` saying to run the command again (complete
+    files are kept; huggingface_hub resumes a cut connection itself within a run).
     """
     # 1. Check everything before writing anything.
     model = official_model(name)
@@ -524,12 +440,9 @@ def download_model(
     folder = model_dir(name)
     free = free_disk_bytes(folder)
     transfers = plan_download(name, base_url, include_datasets)
-    try:
-        for transfer in transfers:
-            transfer.size = remote_size(transfer.url)
-    except _Interrupted as exc:
-        raise InputError(f"cannot reach the weights server ({exc}); check the network or --base-url, then "
-                         f"run `maisi weights download {name}` again") from None
+    for transfer in transfers:
+        _ask_hub(transfer, name)
+        _check_unchanged(transfer, name)
     needed = sum(t.bytes_needed() for t in transfers)
     if needed > free:
         simulated = f" (${DISK_FREE_ENV})" if os.environ.get(DISK_FREE_ENV) is not None else ""
@@ -538,13 +451,12 @@ def download_model(
             f"{simulated} under {maisi_home()}; free some space or set MAISI_HOME to a larger disk"
         )
 
-    # 2. Remember the licence, then fetch each file through NAME.part (one download at a time).
-    with _download_lock(maisi_home()):
-        if new_acceptance:
-            path = record_license_acceptance(name)
-            log(f"{model.license.name} ({model.license.url}): {model.license.summary}")
-            log(f"{model.license.name} accepted for {name} (remembered in {path})")
-        fetched, received = _fetch_all(name, transfers, show_progress, log)
+    # 2. Remember the licence, then fetch, check and record each file.
+    if new_acceptance:
+        path = record_license_acceptance(name)
+        log(f"{model.license.name} ({model.license.url}): {model.license.summary}")
+        log(f"{model.license.name} accepted for {name} (remembered in {path})")
+    fetched, received = _fetch_all(name, model, base_url, transfers, show_progress, log)
 
     # 3. The card `maisi generate --model NAME` reads, once all three checkpoints are in place.
     if all((folder / r.repo_path).is_file() for r in model.files.values()):
@@ -555,81 +467,76 @@ def download_model(
     return DownloadReport(name, folder, fetched, skipped, received, new_acceptance)
 
 
-@contextmanager
-def _download_lock(home: Path) -> Iterator[None]:
-    """Hold ``$MAISI_HOME/.download.lock`` (released when the process ends); refuse when another
-    download holds it."""
-    home.mkdir(parents=True, exist_ok=True)
-    path = home / LOCK_FILE
-    with open(path, "a+b") as handle:
-        try:
-            if os.name == "nt":
-                import msvcrt
+def _fetch_all(name: str, model: OfficialModel, base_url: str, transfers: list[Transfer], show_progress: bool,
+               log) -> tuple[list[Path], int]:
+    """``hf_hub_download`` each transfer into its root, check and record it; returns the placed
+    paths and the bytes received."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-                msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl
-
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise InputError(
-                f"another `maisi weights download` is writing under {home} (it holds {path}); wait for it to finish"
-            ) from None
-        yield  # closing the file releases the lock
-
-
-def _fetch_all(name: str, transfers: list[Transfer], show_progress: bool, log) -> tuple[list[Path], int]:
-    """Fetch and place each transfer; returns the placed paths and the bytes received."""
-    resume_hint = f"run `maisi weights download {name}` again to resume"
+    again = f"run `maisi weights download {name}` again to resume (complete files are kept)"
+    bars_were_off = are_progress_bars_disabled()
+    if not show_progress:
+        disable_progress_bars()
     fetched, received = [], 0
-    for transfer in transfers:
-        transfer.target.parent.mkdir(parents=True, exist_ok=True)
-        kept = transfer.part.stat().st_size if transfer.part.is_file() else 0
-        log(f"downloading {transfer.remote.repo_path} ({human_bytes(transfer.size)}) from {transfer.url}"
-            + (f", resuming at byte {kept}" if kept else ""))
-        try:
-            size, streamed = _fetch_into(transfer.url, transfer.part, transfer.remote.name, transfer.size,
-                                         show_progress)
-        except _Interrupted as exc:
-            have = transfer.part.stat().st_size if transfer.part.is_file() else 0
-            raise InputError(
-                f"download interrupted ({exc}); {have} bytes kept in {transfer.part}; {resume_hint}"
-            ) from None
-        except KeyboardInterrupt:
-            log(f"partial download kept in {transfer.part}; {resume_hint}")
-            raise
-        received += streamed
-        _place(transfer, size, name)
-        validator_path(transfer.part).unlink(missing_ok=True)
-        fetched.append(transfer.target)
+    try:
+        for transfer in transfers:
+            log(f"downloading {transfer.remote.repo_path} ({human_bytes(transfer.size)}) from {transfer.url}")
+            try:
+                hf_hub_download(model.repo, transfer.remote.repo_path, revision=model.revision,
+                                local_dir=transfer.root, endpoint=base_url)
+            except KeyboardInterrupt:
+                log(f"{transfer.remote.name}: download stopped; {again}")
+                raise
+            except Exception as exc:  # the library's HTTP, transport and size-check errors
+                if isinstance(exc, InputError):
+                    raise
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                status = getattr(getattr(exc, "response", None), "status_code", None)
+                if status in (401, 403, 404):
+                    raise _hub_error(exc, transfer.url, name) from None
+                raise InputError(f"download of {transfer.remote.repo_path} interrupted ({type(exc).__name__}: "
+                                 f"{reason[:200]}); {again}") from None
+            received += transfer.target.stat().st_size
+            _check_and_place(transfer, name)
+            fetched.append(transfer.target)
+    finally:
+        if not show_progress and not bars_were_off:
+            enable_progress_bars()
     return fetched, received
 
 
-def _place(transfer: Transfer, size: int, name: str) -> None:
-    """Hash the complete ``.part``, compare with the hash recorded earlier (or record it: first
-    download), then rename it into place (or unpack a zip)."""
-    digest = sha256_of(transfer.part)
-    recorded = recorded_hash(transfer.root, transfer.remote)
-    if recorded and recorded.get("sha256") != digest:
-        transfer.part.unlink()
-        validator_path(transfer.part).unlink(missing_ok=True)
-        hashes_file = _hash_place(transfer.root, transfer.remote)[0] / HASHES_FILE
-        forget = f"`maisi weights remove {name} --yes`, or edit {hashes_file}"
-        if transfer.remote.repo_path.startswith(DATASETS_SUBDIR + "/"):
-            forget = f"edit {hashes_file}"
+def _forget_download(transfer: Transfer) -> None:
+    """Delete a placed file and huggingface_hub's metadata of it, so the next run fetches it again."""
+    transfer.target.unlink(missing_ok=True)
+    metadata = transfer.root / HF_METADATA_FOLDER / "huggingface" / "download" / f"{transfer.remote.repo_path}.metadata"
+    metadata.unlink(missing_ok=True)
+
+
+def _check_and_place(transfer: Transfer, name: str) -> None:
+    """Check the downloaded file against the Hub's sha256 (LFS) or git blob sha1, record its
+    sha256 in ``hashes.json``, and unpack a zip."""
+    target = transfer.target
+    digest = sha256_of(target)
+    published, kind = transfer.published_sha256, "sha256"
+    actual = digest
+    if published is None and transfer.etag and _GIT_SHA1.fullmatch(transfer.etag):
+        published, kind, actual = transfer.etag, "git blob sha1", git_blob_sha1(target)
+    if published is not None and actual != published:
+        _forget_download(transfer)
         raise InputError(
-            f"{transfer.target}: the downloaded file's sha256 {digest[:16]}… differs from "
-            f"{recorded['sha256'][:16]}… recorded at the first download (the published file changed, or the copy "
-            f"was altered); to accept the new file, forget the old hash ({forget}) and download again"
+            f"{target}: the downloaded file's {kind} {actual[:16]}… differs from the {published[:16]}… the server "
+            f"publishes (corrupted on the way, or the mirror serves another file); deleted: run "
+            f"`maisi weights download {name}` again"
         )
-    entry = {"sha256": digest, "size": size, "recorded": (recorded or {}).get("recorded", _now()), "url": transfer.url}
-    _record_hash(transfer.root, transfer.remote, entry)  # before placing: a placed file always has its hash
+    entry = {"sha256": digest, "size": target.stat().st_size, "url": transfer.url,
+             "recorded": (recorded_hash(transfer.root, transfer.remote) or {}).get("recorded", _now()),
+             "published": kind if published is not None else None}
+    _record_hash(transfer.root, transfer.remote, entry)
     if transfer.remote.unpack:
-        entry["unpacked_to"] = _unpack(transfer.part, transfer.root / transfer.remote.unpacked_folder)
-        transfer.part.unlink()
+        entry["unpacked_to"] = _unpack(target, transfer.root / transfer.remote.unpacked_folder)
+        target.unlink()
         _record_hash(transfer.root, transfer.remote, entry)
-    else:
-        os.replace(transfer.part, transfer.target)
 
 
 def _unpack(archive: Path, folder: Path) -> str:
@@ -754,23 +661,22 @@ def model_status(name: str) -> dict:
 
 
 def remove_model(name: str) -> list[Path]:
-    """Delete a downloaded model's files (checkpoints, ``.part`` files, card, hashes) and its folder
-    when nothing else is left in it. Datasets and licence acceptance are kept. Returns what was deleted."""
+    """Delete a downloaded model's files (checkpoints, card, hashes, huggingface_hub's download
+    metadata) and its folder when nothing else is left in it. Datasets and licence acceptance are
+    kept. Returns the files deleted."""
     model = official_model(name)
     folder = model_dir(name)
     removed = []
-    candidates = [folder / MODEL_CARD, folder / HASHES_FILE]
-    for remote in model.files.values():
-        target = folder / remote.repo_path
-        part = target.with_name(target.name + PART_SUFFIX)
-        candidates += [target, part, validator_path(part)]
+    candidates = [folder / MODEL_CARD, folder / HASHES_FILE] + [folder / r.repo_path for r in model.files.values()]
+    metadata = folder / HF_METADATA_FOLDER
+    candidates += sorted(p for p in metadata.rglob("*") if p.is_file()) if metadata.is_dir() else []
+    candidates += [*folder.glob(".*.tmp*"), *folder.glob(f"{MODELS_SUBDIR}/.*.tmp*")]  # interrupted atomic writes
     for path in candidates:
         if path.is_file():
             path.unlink()
             removed.append(path)
-    for leftover in [*folder.glob(".*.tmp*"), *folder.glob(f"{MODELS_SUBDIR}/.*.tmp*")]:
-        leftover.unlink()  # temporary files of an interrupted atomic write
-        removed.append(leftover)
+    if metadata.is_dir():
+        shutil.rmtree(metadata)
     for empty in (folder / MODELS_SUBDIR, folder):
         if empty.is_dir() and not any(empty.iterdir()):
             empty.rmdir()

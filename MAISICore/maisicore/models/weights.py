@@ -10,13 +10,18 @@ in the directory are accepted too) and, when ``maisi weights init`` or training 
 
 Every file is read with ``torch.load(weights_only=True)``: tensors and plain containers only, never
 pickled code.
+
+Extra state-dict keys a network does not have are refused, except those an allow-list names as
+benign: ``ALLOWED_EXTRA_KEYS`` here (per role, ``fnmatch`` patterns; empty: no published file is known
+to need one) plus the weight folder card's ``"allowed_extra_keys": {"ROLE": ["PATTERN", ...]}``.
+Allowed keys are dropped before loading; ``check_weight_set`` (``maisi weights verify --load``) lists them.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +33,10 @@ from .presets import DEMO_MODEL, MODEL_NAMES, WIDTHS, ModelPreset, get_preset
 
 MODEL_CARD = "maisi_model.json"
 MODELS_SUBDIR = "models"
+ROLES = ("autoencoder", "diffusion_unet", "controlnet")
+# Benign extra state-dict keys per role (fnmatch patterns), dropped before loading. Add a pattern
+# here only for a published file, with the reason; a user adds their own in the card (module doc).
+ALLOWED_EXTRA_KEYS: dict[str, tuple[str, ...]] = {role: () for role in ROLES}
 
 
 def default_weights_root() -> Path:
@@ -140,12 +149,34 @@ def state_dict_from(checkpoint: dict, key: str | None, path: Path, preset: Model
     return state
 
 
+def allowed_extra_keys(weights_dir: Path, role: str) -> tuple[str, ...]:
+    """The allow-list of benign extra keys for ``role``: ``ALLOWED_EXTRA_KEYS`` and the card's."""
+    card = read_model_card(Path(weights_dir)) or {}
+    extra = card.get("allowed_extra_keys") or {}
+    if not isinstance(extra, dict) or not all(isinstance(v, list) and all(isinstance(p, str) for p in v)
+                                              for v in extra.values()):
+        raise InputError(f"{Path(weights_dir) / MODEL_CARD}: 'allowed_extra_keys' must map a role "
+                         f"({', '.join(ROLES)}) to a list of key patterns")
+    return tuple(ALLOWED_EXTRA_KEYS.get(role, ())) + tuple(extra.get(role, ()))
+
+
+def split_allowed(state: dict, expected, patterns: tuple[str, ...]) -> tuple[dict, list[str]]:
+    """``state`` without the keys the network lacks that match an allowed pattern, and those keys."""
+    from fnmatch import fnmatchcase
+
+    allowed = [k for k in state if k not in expected and any(fnmatchcase(k, p) for p in patterns)]
+    return {k: v for k, v in state.items() if k not in allowed}, allowed
+
+
 def load_state(
-    module: torch.nn.Module, state: dict, path: Path, preset: ModelPreset, allow_missing: frozenset[str] = frozenset()
+    module: torch.nn.Module, state: dict, path: Path, preset: ModelPreset, allow_missing: frozenset[str] = frozenset(),
+    allow_extra: tuple[str, ...] = (),
 ) -> None:
     """Load ``state`` into ``module`` after checking keys and shapes; one line naming the file,
-    the preset and the first mismatching keys otherwise."""
+    the preset and the first mismatching keys otherwise. Extra keys matching ``allow_extra``
+    (fnmatch patterns) are dropped first."""
     expected = module.state_dict()
+    state, _ = split_allowed(state, expected, allow_extra)
     missing = [k for k in expected if k not in state and k not in allow_missing]
     unexpected = [k for k in state if k not in expected]
     wrong_shape = [
@@ -195,12 +226,14 @@ def load_model(preset: ModelPreset, weights_dir: str | os.PathLike, device: torc
 
     autoencoder = build_autoencoder(preset, "cpu")
     ae_path = paths["autoencoder"]
-    load_state(autoencoder, state_dict_from(load_checkpoint(ae_path), None, ae_path, preset), ae_path, preset)
+    load_state(autoencoder, state_dict_from(load_checkpoint(ae_path), None, ae_path, preset), ae_path, preset,
+               allow_extra=allowed_extra_keys(weights_dir, "autoencoder"))
 
     diffusion_unet = build_diffusion_unet(preset, "cpu")
     unet_path = paths["diffusion_unet"]
     unet_checkpoint = load_checkpoint(unet_path)
-    load_state(diffusion_unet, state_dict_from(unet_checkpoint, "unet_state_dict", unet_path, preset), unet_path, preset)
+    load_state(diffusion_unet, state_dict_from(unet_checkpoint, "unet_state_dict", unet_path, preset), unet_path, preset,
+               allow_extra=allowed_extra_keys(weights_dir, "diffusion_unet"))
     scale_factor = unet_checkpoint.get("scale_factor", None)
     if scale_factor is None:
         raise InputError(f"{unet_path}: no 'scale_factor' entry; it is needed to decode latents")
@@ -216,6 +249,7 @@ def load_model(preset: ModelPreset, weights_dir: str | os.PathLike, device: torc
         cn_path,
         preset,
         allow_missing=frozenset(shared),
+        allow_extra=allowed_extra_keys(weights_dir, "controlnet"),
     )
     return LoadedModel(
         preset=preset,
@@ -226,6 +260,55 @@ def load_model(preset: ModelPreset, weights_dir: str | os.PathLike, device: torc
         device=device,
         weights_dir=weights_dir,
     )
+
+
+@dataclass
+class WeightCheck:
+    """How one checkpoint fits its network: tensors read, and the keys that are missing, unexpected
+    (not allowed), of the wrong shape, or extra but allowed; ``error`` when it could not be read."""
+
+    role: str
+    path: Path
+    tensors: int = 0
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    wrong_shape: list[str] = field(default_factory=list)
+    allowed: list[str] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not (self.error or self.missing or self.unexpected or self.wrong_shape)
+
+
+def check_weight_set(preset: ModelPreset, weights_dir: str | os.PathLike) -> list[WeightCheck]:
+    """Load each checkpoint of ``weights_dir`` (``weights_only=True``) against a freshly built
+    network of ``preset`` and compare keys and shapes, as ``load_model`` would, without stopping at
+    the first problem. The ControlNet may lack the keys it takes from the UNet (the reference loads
+    it with ``strict=False`` on top of them)."""
+    weights_dir = Path(weights_dir)
+    paths = {role: weight_file(weights_dir, name) for role, name in preset.weight_files.as_dict().items()}
+    builders = {"autoencoder": build_autoencoder, "diffusion_unet": build_diffusion_unet, "controlnet": build_controlnet}
+    keys = {"autoencoder": None, "diffusion_unet": "unet_state_dict", "controlnet": "controlnet_state_dict"}
+    unet_shapes = {k: v.shape for k, v in build_diffusion_unet(preset, "cpu").state_dict().items()}
+    checks = []
+    for role, path in paths.items():
+        check = WeightCheck(role, path)
+        checks.append(check)
+        try:
+            state = state_dict_from(load_checkpoint(path), keys[role], path, preset)
+        except InputError as exc:
+            check.error = str(exc)
+            continue
+        expected = {k: v.shape for k, v in builders[role](preset, "cpu").state_dict().items()}
+        state, check.allowed = split_allowed(state, expected, allowed_extra_keys(weights_dir, role))
+        from_unet = {k for k, shape in expected.items() if unet_shapes.get(k) == shape} if role == "controlnet" else set()
+        check.tensors = len(state)
+        check.missing = [k for k in expected if k not in state and k not in from_unet]
+        check.unexpected = [k for k in state if k not in expected]
+        check.wrong_shape = [f"{k} {tuple(v.shape)}≠{tuple(expected[k])}" for k, v in state.items()
+                             if k in expected and v.shape != expected[k]]
+    return checks
 
 
 def fill_zero_initialised(module: torch.nn.Module, generator: torch.Generator, std: float = 0.05) -> int:

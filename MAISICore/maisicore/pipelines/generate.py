@@ -265,13 +265,21 @@ class GenerateResult:
     notes: list[str]
     timings: dict[str, float]
     plan: GenerationPlan
+    model: str = ""  # preset key (e.g. rflow-ct/official), recorded in DICOM output
 
     def write(self, request: GenerateRequest) -> dict[str, Path]:
-        """Write the request's outputs (each to a temporary file, then renamed); role → path."""
+        """Write the request's outputs (each to a temporary file or folder, then renamed); role → path.
+        ``request.format == "dicom"``: the CT as a DICOM series in ``out/ct/`` and the labels as a
+        DICOM SEG ``out/labels.dcm`` (``maisicore.io.dicom.write_dicom``)."""
         from ..io.volumes import write_volume
 
         written: dict[str, Path] = {}
-        if request.out:
+        if request.out and request.format == "dicom":
+            from ..io.dicom import Provenance, write_dicom
+
+            provenance = Provenance(self.model or str(request.model), self.seed_used, self.plan.steps)
+            written.update(write_dicom(request.out, self.ct, self.labels, provenance))
+        elif request.out:
             written["ct"] = write_volume(request.out, self.ct)
         if request.label_out and self.labels is not None:
             written["labels"] = write_volume(request.label_out, self.labels)
@@ -323,7 +331,9 @@ def prepare_generation(
     request.check(has_mask_volume=mask is not None)
     check_output_paths(request)
     if request.out:
-        check_output_path(request.out, "--out")
+        from ..io.dicom import check_output
+
+        check_output(request.out, request.format, "--out")
     if request.label_out:
         check_output_path(request.label_out, "--label-out")
     preset, weights_dir = resolve_model(request.model, request.weights_dir)
@@ -445,4 +455,4 @@ class GeneratePipeline:
         if prepared.original_grid is not None and request.maps_back:
             ct = image_on_grid(ct, prepared.original_grid)
             labels = labels_on_grid(labels, prepared.original_grid)
-        return GenerateResult(ct, labels, seed, checks, notes, timings, plan)
+        return GenerateResult(ct, labels, seed, checks, notes, timings, plan, prepared.preset.key)

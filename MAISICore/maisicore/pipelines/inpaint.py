@@ -88,6 +88,8 @@ class InpaintResult:
     labels: Volume  # anatomy used + the tumour, dictionary ids, on the input grid
     roi_shape: tuple[int, int, int]
     notes: list[str]
+    model: str = ""  # preset key, recorded in DICOM output
+    steps: int = 0  # denoising steps run
 
 
 def _roi_box(mask_ras: np.ndarray, spacing, shape) -> tuple[np.ndarray, np.ndarray]:
@@ -229,7 +231,8 @@ def inpaint(
         region[(region == 0) & (body != 0)] = body[(region == 0) & (body != 0)]
     ct_out = undo_reorientation(out_ras, reorientation)
     labels_out = undo_reorientation(out_labels_ras, reorientation)
-    return InpaintResult(Volume(ct_out, ct.affine.copy()), Volume(labels_out, ct.affine.copy()), tuple(size), notes)
+    return InpaintResult(Volume(ct_out, ct.affine.copy()), Volume(labels_out, ct.affine.copy()), tuple(size), notes,
+                         model.preset.key, plan.steps)
 
 
 def _region(model: LoadedModel, labels: np.ndarray):
@@ -291,23 +294,32 @@ def prepare_inpaint(request: InpaintRequest, image: Volume | None = None) -> Pre
     request.check(has_image_volume=image is not None)
     check_output_paths(request)
     if request.out:
-        check_output_path(request.out, "--out")
+        from ..io.dicom import check_output, is_dicom_path
+
+        check_output(request.out, request.format, "--out")
+        if request.keep_patient and (image is not None or not is_dicom_path(request.image)):
+            raise InputError("--keep-patient copies the patient of a DICOM --image; this --image is not a DICOM series")
     if request.label_out:
         check_output_path(request.label_out, "--label-out")
     tumor_id(request.tumor_type)
     preset, weights_dir = resolve_model(request.model, request.weights_dir)
     check_weight_files(preset, weights_dir)
-    ct = image if image is not None else read_volume(request.image)
+    ct = image if image is not None else read_volume(request.image, modality="CT")
+    from ..io.geometry import onto_grid_of  # same voxels in another axis order (DICOM vs NIfTI) are fine
+
     labels = read_volume(request.labels) if request.labels else None
-    if labels is not None and not labels.same_grid(ct):
-        raise InputError(f"--labels {request.labels} is not on the image's grid (shape and affine must match)")
+    if labels is not None:
+        labels = onto_grid_of(labels, ct)
+        if labels is None:
+            raise InputError(f"--labels {request.labels} is not on the image's grid (shape and affine must match)")
     if request.tumor_mask:
-        mask_volume = read_volume(request.tumor_mask)
-        if not mask_volume.same_grid(ct):
+        mask_volume = onto_grid_of(read_volume(request.tumor_mask), ct)
+        if mask_volume is None:
             raise InputError(f"--tumor-mask {request.tumor_mask} is not on the image's grid (shape and affine must match)")
+        from ..anatomy.labelmap import check_binary_mask
+
+        check_binary_mask(mask_volume.array, f"--tumor-mask {request.tumor_mask}")
         mask = np.asarray(mask_volume.array) != 0
-        if not mask.any():
-            raise InputError(f"--tumor-mask {request.tumor_mask} is empty")
         mask = check_host(labels, mask, request.tumor_type)
     else:
         mask = ball_tumor(ct, request.tumor_center, request.tumor_diameter, request.seed)
@@ -347,11 +359,20 @@ class InpaintPipeline:
 
 
 def write_inpaint_result(result: InpaintResult, request: InpaintRequest) -> dict[str, object]:
-    """Write the request's outputs (temporary file + rename each); role → path."""
+    """Write the request's outputs (temporary file or folder + rename each); role → path. With
+    ``format == "dicom"`` a CT series and a DICOM SEG (``maisicore.io.dicom.write_dicom``): a new
+    synthetic patient, or with ``keep_patient`` the source's patient and study, each slice
+    referencing its source slice."""
     from ..io.volumes import write_volume
 
     written = {}
-    if request.out:
+    if request.out and request.format == "dicom":
+        from ..io.dicom import Provenance, write_dicom
+
+        provenance = Provenance(result.model or str(request.model), request.seed, result.steps, action="inpaint")
+        source = request.image if request.keep_patient else None
+        written.update(write_dicom(request.out, result.ct, result.labels, provenance, source=source))
+    elif request.out:
         written["ct"] = write_volume(request.out, result.ct)
     if request.label_out:
         written["labels"] = write_volume(request.label_out, result.labels)

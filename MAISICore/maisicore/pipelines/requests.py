@@ -25,6 +25,7 @@ from ..errors import InputError
 from ..models.presets import BODY_REGIONS
 
 DECODE_METHODS = ("exact", "sliding-window", "plain")
+OUTPUT_FORMATS = ("nifti", "nrrd", "dicom")  # None: from --out's extension
 FIT_MODES = ("auto", "always", "never")
 WEIGHTS_ACTIONS = ("list", "download", "remove")
 MAX_SEED = 2**63  # seeds are 0 <= seed < 2**63 (torch's generator takes 64-bit seeds)
@@ -63,6 +64,23 @@ def _check_steps(steps) -> None:
         raise InputError(f"steps {steps!r}: must be a positive integer")
 
 
+def _check_format(output_format, out) -> None:
+    """``--format``: one of ``OUTPUT_FORMATS`` agreeing with ``--out`` (a new folder for dicom)."""
+    if output_format is None:
+        return
+    if output_format not in OUTPUT_FORMATS:
+        raise InputError(f"--format {output_format!r}: choose one of {', '.join(OUTPUT_FORMATS)}")
+    if not out:
+        raise InputError(f"--format {output_format} names how --out is written: give --out")
+    name = str(out).lower()
+    if output_format == "dicom" and name.endswith((".nii", ".nii.gz", ".nrrd")):
+        raise InputError(f"--out {out}: --format dicom writes a folder (DIR/ct/ and DIR/labels.dcm); "
+                         "give a folder name without a volume extension")
+    wanted = {"nifti": (".nii", ".nii.gz"), "nrrd": (".nrrd",)}.get(output_format)
+    if wanted and not name.endswith(wanted):
+        raise InputError(f"--out {out}: --format {output_format} writes {' or '.join(wanted)} files")
+
+
 @dataclass
 class _Request:
     """Shared JSON round trip; subclasses name their ``kind``."""
@@ -89,6 +107,10 @@ class _Request:
     def input_paths(self) -> dict[str, str]:
         """Option name → path of every file or folder the request reads."""
         return {}
+
+    def output_folders(self) -> set[str]:
+        """Options among ``output_paths`` that name a folder (``--out`` with ``--format dicom``)."""
+        return {"--out"} if getattr(self, "format", None) == "dicom" else set()
 
 
 @dataclass
@@ -124,6 +146,8 @@ class GenerateRequest(_Request):
     decode: str = "exact"
     memory_budget_gb: float | None = None
     allow_any_size: bool = False
+    dry_run: bool = False  # check everything, estimate the peak memory, run no network
+    format: str | None = None  # nifti, nrrd (by --out's extension when None) or dicom (--out is a new folder)
 
     def check(self, has_mask_volume: bool = False) -> None:
         """Refuse contradictory or out-of-range options with one line (nothing is read)."""
@@ -157,6 +181,7 @@ class GenerateRequest(_Request):
         _check_positive(self.memory_budget_gb, "--memory-budget", " of GB")
         if self.preview is not None and not str(self.preview).lower().endswith(".png"):
             raise InputError(f"--preview {self.preview}: must end with .png")
+        _check_format(self.format, self.out)
 
     @property
     def maps_back(self) -> bool:
@@ -191,6 +216,8 @@ class InpaintRequest(_Request):
     device: str = "auto"
     out: str | None = None
     label_out: str | None = None
+    format: str | None = None  # nifti, nrrd (by --out's extension when None) or dicom (--out is a new folder)
+    keep_patient: bool = False  # dicom: copy the source series' patient and study, reference its slices
 
     def check(self, has_image_volume: bool = False) -> None:
         """Refuse contradictory or out-of-range options with one line (nothing is read)."""
@@ -207,6 +234,9 @@ class InpaintRequest(_Request):
             _check_positive(self.tumor_diameter, "--tumor-diameter", " of mm")
         _check_seed(self.seed, "--seed")
         _check_steps(self.steps)
+        _check_format(self.format, self.out)
+        if self.keep_patient and self.format != "dicom":
+            raise InputError("--keep-patient copies the patient into DICOM output: add --format dicom")
 
     def output_paths(self) -> dict[str, str]:
         named = {"--out": self.out, "--label-out": self.label_out}

@@ -106,13 +106,27 @@ def _qc_rows(checks) -> list[dict] | None:
 
 def run_generate(request: GenerateRequest, report: Report, cancel: Callable[[], bool] | None = None) -> RunSummary:
     """Check, load, generate and write a ``GenerateRequest``; raises ``InputError``/``Cancelled``."""
+    from ..validation import resolve_device
+    from .admission import check_admission
     from .generate import GeneratePipeline, prepare_generation
 
     prepared = prepare_generation(request, log=report.info)  # every check before any network
     for note in prepared.notes:
         report.note(note)
-    pipeline = GeneratePipeline.from_request(request)
+    device = resolve_device(request.device)
+    estimate = check_admission(prepared, device.type)  # too large → InputError before any network
     plan = prepared.plan
+    if request.dry_run:
+        summary = RunSummary(notes=list(prepared.notes), details={
+            "size": list(plan.size), "spacing": list(plan.spacing), "steps": plan.steps, "model": prepared.preset.key,
+            "device": device.type, "memory": {"peak_bytes": estimate.peak_bytes, "budget_bytes": estimate.budget_bytes,
+                                              "phase": estimate.peak_phase, "parts": estimate.parts,
+                                              "decode_plan": estimate.decode_plan}})
+        report.result(summary, f"dry run: {prepared.preset.key}, {_fmt(plan.size, 'd')} voxels at {_fmt(plan.spacing)} mm, "
+                               f"{plan.steps} steps; {estimate.describe()}; nothing was run or written")
+        return summary
+    report.info(estimate.describe())
+    pipeline = GeneratePipeline.from_request(request)
     region = f", body region {plan.body_region[0]}→{plan.body_region[1]}" if plan.body_region else ""
     source = f", following {request.mask}" if request.mask else (
         f", anatomy {', '.join(request.anatomy)}" if request.anatomy else "")

@@ -17,23 +17,27 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
-def check_distinct(outputs: dict[str, str], inputs: dict[str, str]) -> None:
+def check_distinct(outputs: dict[str, str], inputs: dict[str, str], folders: set[str] = frozenset()) -> None:
     """Refuse (one line) an output path that names an input or another output; ``outputs`` and
-    ``inputs`` map option names to paths."""
+    ``inputs`` map option names to paths (``FOLDER#UID`` inputs count as FOLDER); ``folders``: the
+    output options that are folders (DICOM output), which may not hold an input either."""
     seen: list[tuple[str, Path]] = []
     for option, path in outputs.items():
         path = Path(path)
         for other_option, other in inputs.items():
-            if _same_file(path, Path(other)):
+            other = Path(other) if Path(other).exists() else Path(str(other).split("#")[0])
+            if _same_file(path, other):
                 raise InputError(f"{option} {path} is the input {other_option}; choose another output file")
+            if option in folders and path.resolve() in other.resolve().parents:
+                raise InputError(f"{option} {path} holds the input {other_option}; choose a new folder")
         for other_option, other in seen:
             if _same_file(path, other):
                 raise InputError(f"{option} and {other_option} name the same file {path}; choose different files")
-        if path.is_dir():
+        if path.is_dir() and option not in folders:
             raise InputError(f"{option} {path} is a folder; give a file name")
         seen.append((option, path))
 
 
 def check_output_paths(request) -> None:
     """``check_distinct`` for a request's outputs and inputs (``output_paths``/``input_paths``)."""
-    check_distinct(request.output_paths(), request.input_paths())
+    check_distinct(request.output_paths(), request.input_paths(), request.output_folders())

@@ -55,9 +55,35 @@ def _volume_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and volume_extension(p))
 
 
+def _label_files(folder: Path) -> list[Path]:
+    """Label volumes (NIfTI, NRRD) and DICOM SEG files (``.dcm``) in ``folder``."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and (volume_extension(p) or p.suffix.lower() == ".dcm"))
+
+
+def _dicom_series(folder: Path) -> list[Path]:
+    """The image series in ``folder`` (DICOM SEG files left out): ``folder`` itself when it holds
+    one series, else ``FOLDER#SeriesInstanceUID`` for each."""
+    from ..io.dicom import SERIES_SEPARATOR, find_series
+
+    series = find_series(folder)
+    images = [s for s in series if not s.is_seg]
+    if len(series) == 1 and images:
+        return [folder]
+    return [Path(f"{folder}{SERIES_SEPARATOR}{s.uid}") for s in images]
+
+
 def _stem(path: Path) -> str:
-    ext = volume_extension(path) or path.suffix
-    return path.name[: -len(ext)] if ext else path.name
+    """Case name: the file name without its volume or ``.dcm`` extension; a DICOM folder's name
+    (without ``#UID``)."""
+    ext = volume_extension(path) or (".dcm" if path.name.lower().endswith(".dcm") else "")
+    return path.name[: -len(ext)] if ext else path.name.split("#")[0]
+
+
+def path_exists(path: Path) -> bool:
+    """Whether a datalist path exists: a file, a DICOM folder, or ``FOLDER#UID`` with its folder."""
+    from ..io.dicom import split_series
+
+    return split_series(path)[0].exists()
 
 
 def _matching_label(image: Path, labels_dir: Path | None, label_files: dict[str, Path]) -> Path | None:
@@ -80,6 +106,9 @@ def prepare_datalist(
 ) -> dict:
     """Scan ``images_dir`` (and ``labels_dir``, matched by file name) and write a datalist to ``out``.
 
+    Images are NIfTI/NRRD files and DICOM series (each subfolder's series, and series whose files lie
+    directly in ``images_dir``; ``FOLDER#UID`` when a folder holds several); labels are NIfTI/NRRD
+    files or DICOM SEG files (``NAME.dcm``) named like the image file or the series' folder.
     Every readable image becomes an entry with its dim, spacing (closest-RAS order), modality, body
     region (from its labels) and fold (round robin over sorted names). Unreadable files and images
     whose labels are on another grid are reported under ``problems`` and skipped, never fatal.
@@ -94,15 +123,21 @@ def prepare_datalist(
         raise InputError(f"--labels {labels_path}: not a folder")
     if folds < 1:
         raise InputError(f"--folds must be at least 1, got {folds}")
-    images = _volume_files(images_dir)
-    skipped_dirs = [p for p in images_dir.iterdir() if p.is_dir()]
+    images = _volume_files(images_dir) + _dicom_series(images_dir)
+    folders = sorted(p for p in images_dir.iterdir() if p.is_dir())
+    skipped_dirs = []
+    for folder in folders:
+        series = _dicom_series(folder)
+        images += series
+        if not series:
+            skipped_dirs.append(folder)
     if not images:
-        raise InputError(f"--images {images_dir}: no {', '.join(VOLUME_EXTENSIONS)} files")
-    label_files = {_stem(p): p for p in _volume_files(labels_path)} if labels_path else {}
+        raise InputError(f"--images {images_dir}: no {', '.join(VOLUME_EXTENSIONS)} files and no DICOM series")
+    label_files = {_stem(p): p for p in _label_files(labels_path)} if labels_path else {}
     root = out.resolve().parent
     entries, problems = [], []
     for folder in skipped_dirs:
-        problems.append({"file": _relative(folder, root), "reason": "a folder (DICOM series are not read: convert to NIfTI first)"})
+        problems.append({"file": _relative(folder, root), "reason": "a folder without DICOM image files"})
 
     def skip(image_path: Path, problem_file: Path, reason: str, logged: str | None = None) -> None:
         """Record ``problem_file`` as a problem and log that ``image_path``'s case is left out."""
@@ -111,7 +146,7 @@ def prepare_datalist(
 
     for index, image_path in enumerate(images):
         try:
-            image, _ = to_closest_ras(read_volume(image_path))
+            image, _ = to_closest_ras(read_volume(image_path, modality="CT" if modality == "ct" else None))
         except InputError as exc:
             skip(image_path, image_path, str(exc))
             continue
@@ -183,7 +218,7 @@ def read_datalist(path: str | os.PathLike, needs: tuple[str, ...]) -> list[Case]
         for key in ("image", "label", "latent"):
             if entry.get(key):
                 file = (root / entry[key]).resolve()
-                if not file.is_file():
+                if not path_exists(file):
                     raise InputError(f"{where}: {key} file {file} does not exist")
                 files[key] = file
         dim = tuple(int(v) for v in entry.get("dim") or ())
@@ -199,6 +234,10 @@ def read_datalist(path: str | os.PathLike, needs: tuple[str, ...]) -> list[Case]
 
 
 def _header_shape(path: Path) -> tuple[int, ...]:
+    if volume_extension(path) is None:  # a DICOM series or SEG
+        from ..io.dicom import dicom_shape
+
+        return dicom_shape(path)
     if volume_extension(path) == ".nrrd":
         import nrrd
 

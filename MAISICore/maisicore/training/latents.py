@@ -17,7 +17,7 @@ import torch
 
 from ..errors import InputError
 from ..io.geometry import Volume, to_closest_ras
-from ..io.volumes import read_volume, write_volume
+from ..io.volumes import read_volume, volume_extension, write_volume
 from .datalist import read_datalist, write_datalist
 
 
@@ -84,10 +84,11 @@ def prepare_latents(
     entries = []
     for number, case in enumerate(cases):
         name = Path(str(case.image)).name
-        stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
+        ext = volume_extension(name)
+        stem = name[: -len(ext)] if ext else name.replace("#", "_")  # a DICOM folder or FOLDER#UID
         latent_path = out_dir / f"{stem}_emb.nii.gz"
         label_path = out_dir / f"{stem}_label.nii.gz" if case.label else None
-        ct, _ = to_closest_ras(read_volume(case.image))
+        ct, _ = to_closest_ras(read_volume(case.image, modality="CT"))
         shape = tuple(rounded_size(n, round_to) for n in ct.shape)
         grid = resized_grid(ct, shape)
         done = latent_path.is_file() and Path(f"{latent_path}.json").is_file() and (label_path is None or label_path.is_file())
