@@ -1,7 +1,7 @@
 """DICOM in and out on real files: TotalSegmentator's real 20-slice CT series read against SimpleITK
 and against TotalSegmentator's own (dicom2nifti) conversion, used as `inpaint --image` and
 `labels convert --ct`; generated and inpainted CTs written as DICOM series with a DICOM SEG, read
-back with pydicom, SimpleITK and highdicom; the synthetic markers; one-line errors."""
+back with pydicom, SimpleITK and highdicom; the synthetic markers; a tilted gantry; one-line errors."""
 
 from __future__ import annotations
 
@@ -72,6 +72,7 @@ def test_real_series_reads_as_simpleitk_and_dicom2nifti_read_it(real_data):
     np.testing.assert_array_equal(one.affine, ours.affine)
 
 
+@pytest.mark.slow  # an inpainting on the real 512×512 series: about 30 s on 2 cores
 def test_real_series_as_labels_convert_ct_and_inpaint_image(real_data, tiny_weights, tmp_path, maisi):
     series = real_data / SERIES
     ct = read_volume(series)
@@ -118,14 +119,14 @@ def test_real_series_as_labels_convert_ct_and_inpaint_image(real_data, tiny_weig
 
 @pytest.fixture(scope="module")
 def oblique_mask(tmp_path_factory) -> Path:
-    """A MAISI mask (liver, left kidney, body) on a 64×64×32 grid at 2 mm, turned 15° about S."""
-    labels = np.zeros((64, 64, 32), np.int16)
-    labels[6:58, 6:58, 2:30] = 200
-    labels[12:34, 14:40, 6:24] = 1
-    labels[38:50, 20:34, 8:20] = 14
+    """A MAISI mask (liver, left kidney, body) on a 32³ grid at 3 mm, turned 15° about S."""
+    labels = np.zeros((32, 32, 32), np.int16)
+    labels[3:29, 3:29, 2:30] = 200
+    labels[6:17, 7:20, 6:24] = 1
+    labels[19:25, 10:17, 8:20] = 14
     turn = np.deg2rad(15.0)
     affine = np.eye(4)
-    affine[:3, :3] = np.array([[np.cos(turn), -np.sin(turn), 0], [np.sin(turn), np.cos(turn), 0], [0, 0, 1]]) * 2.0
+    affine[:3, :3] = np.array([[np.cos(turn), -np.sin(turn), 0], [np.sin(turn), np.cos(turn), 0], [0, 0, 1]]) * 3.0
     affine[:3, 3] = (-60.0, 40.0, -300.0)
     path = tmp_path_factory.mktemp("mask") / "mask.nii.gz"
     write_volume(path, Volume(labels, affine))
@@ -140,9 +141,19 @@ def test_generated_ct_as_dicom_reads_back_as_the_nifti(tiny_weights, oblique_mas
               "--steps", "2", "--seed", "5", "--device", "cpu"]
     nifti, nifti_labels = tmp_path / "ct.nii.gz", tmp_path / "labels.nii.gz"
     assert maisi(*common, "--out", nifti, "--label-out", nifti_labels).returncode == 0
+    # The same request through `maisi run` (the machine contract): "format": "dicom".
+    import json
+
+    from maisicore.pipelines.requests import GenerateRequest, write_request
+
     out = tmp_path / "synthetic"
-    result = maisi(*common, "--out", out, "--format", "dicom")
+    request = GenerateRequest(model=str(tiny_weights["rflow-ct"]), mask=str(oblique_mask), allow_any_size=True,
+                              steps=2, seed=5, device="cpu", out=str(out), format="dicom")
+    write_request(tmp_path / "request.json", request)
+    result = maisi("run", tmp_path / "request.json")
     assert result.returncode == 0, result.stderr
+    [event] = [e for e in map(json.loads, result.stdout.splitlines()) if e["event"] == "result"]
+    assert event["files"] == {"ct": str(out / "ct"), "seg": str(out / "labels.dcm")}
     assert sorted(p.name for p in out.iterdir()) == ["ct", "labels.dcm"]
     expected = read_volume(nifti)
 
@@ -184,16 +195,18 @@ def test_generated_ct_as_dicom_reads_back_as_the_nifti(tiny_weights, oblique_mas
     labels = read_volume(out / "labels.dcm")
     np.testing.assert_array_equal(labels.array, read_volume(nifti_labels).array)
     np.testing.assert_allclose(labels.affine, expected.affine, rtol=0, atol=1e-4)
-    assert sitk.ReadImage(str(files[0])).GetSize()[:2] == (64, 64)
+    assert sitk.ReadImage(str(files[0])).GetSize()[:2] == (32, 32)
 
-    # The SEG as --mask: the same CT; every run a new patient, study and UIDs.
-    again = tmp_path / "again"
-    result = maisi(*common[:3], "--mask", out / "labels.dcm", *common[5:], "--out", again, "--format", "dicom")
-    assert result.returncode == 0, result.stderr
-    np.testing.assert_array_equal(read_volume(again / "ct").array, expected.array)
-    first, second = datasets[0], pydicom.dcmread(_files(again / "ct")[0])
-    for key in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "SOPInstanceUID"):
-        assert getattr(first, key) != getattr(second, key), key
+    # The SEG as --mask: the labels the NIfTI mask gave, on the same grid.
+    from maisicore.pipelines.generate import prepare_generation
+    from maisicore.pipelines.requests import GenerateRequest
+
+    from_seg = prepare_generation(
+        GenerateRequest(model=str(tiny_weights["rflow-ct"]), allow_any_size=True, mask=str(out / "labels.dcm")))
+    from_nifti = prepare_generation(
+        GenerateRequest(model=str(tiny_weights["rflow-ct"]), allow_any_size=True, mask=str(oblique_mask)))
+    np.testing.assert_array_equal(from_seg.mask.array, from_nifti.mask.array)
+    np.testing.assert_allclose(from_seg.mask.affine, from_nifti.mask.affine, rtol=0, atol=1e-4)
 
 
 def test_seg_segments_match_by_terminology_and_unknown_ones_are_refused(tiny_weights, oblique_mask, tmp_path, maisi):
@@ -202,6 +215,11 @@ def test_seg_segments_match_by_terminology_and_unknown_ones_are_refused(tiny_wei
     labels = read_volume(oblique_mask)
     ct = Volume(np.where(labels.array > 0, 40, -1000).astype(np.int16), labels.affine)
     written = write_dicom(tmp_path / "dicom", ct, labels, Provenance("rflow-ct/tiny", 0, 1))
+    # Every write is a new patient, study and series, with new UIDs.
+    second = write_dicom(tmp_path / "second", ct, labels, Provenance("rflow-ct/tiny", 0, 1))
+    first, again = (pydicom.dcmread(_files(w["ct"])[0], stop_before_pixels=True) for w in (written, second))
+    for key in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "SOPInstanceUID"):
+        assert getattr(first, key) != getattr(again, key), key
     seg = pydicom.dcmread(written["seg"])
     seg.SegmentSequence[0].SegmentLabel = "Leber"  # no MAISI name: matched by its SNOMED codes (liver)
     renamed = tmp_path / "dicom" / "renamed.dcm"  # beside its CT (in dicom/ct/): read on its whole grid
@@ -282,3 +300,20 @@ def test_prepare_indexes_dicom_series(real_data, tmp_path, maisi):
     assert (case["image"], case["dim"]) == ("images/case1", [512, 512, 20])
     np.testing.assert_allclose(case["spacing"], [0.9765625, 0.9765625, 2.0], atol=1e-6)  # rounded to 6 digits
     assert data["problems"] == [{"file": "images/empty", "reason": "a folder without DICOM image files"}]
+
+
+def test_tilted_gantry_series_keeps_its_shear(tmp_path):
+    """Slices of a tilted gantry are offset along the table, not along the slice normal: the affine
+    keeps that shear, so every slice stays where it was acquired (SimpleITK's normal stacking does not)."""
+    from maisicore.io.dicom import Provenance, write_dicom
+
+    tilt = np.deg2rad(12.0)
+    affine = np.diag([0.8, 0.8, 1.0, 1.0])
+    affine[:3, 2] = (0.0, 2.5 * np.sin(tilt), 2.5 * np.cos(tilt))  # each slice 2.5 mm on, tilted 12° towards A
+    ct = Volume(np.arange(24 * 20 * 6, dtype=np.int16).reshape(24, 20, 6), affine)
+    written = write_dicom(tmp_path / "tilted", ct, None, Provenance("rflow-ct/tiny", 0, 1))
+    back = read_volume(written["ct"])
+    np.testing.assert_array_equal(back.array, ct.array)
+    np.testing.assert_allclose(back.affine, affine, rtol=0, atol=1e-4)
+    last = np.array([0, 0, 5, 1.0])
+    assert np.linalg.norm((_simpleitk(written["ct"]).affine @ last - affine @ last)[:3]) > 2.0  # mm

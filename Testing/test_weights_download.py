@@ -5,7 +5,8 @@ The "Hub" answers HEAD/GET on /{repo}/resolve/{revision}/{path} with X-Repo-Comm
 come back directly with their git blob sha1 as ETag; LFS files (checkpoints, zips) are a 302 to a
 "CDN" on another port, with X-Linked-Etag (their sha256) and X-Linked-Size, as the Hub sends them.
 The CDN serves Range requests and can cut a connection after N bytes, refuse the next request,
-ignore ranges or corrupt the bytes. Both log every request with the bytes they sent.
+ignore ranges or corrupt the bytes. Both log every request with the bytes they sent. Last, `weights
+verify --load` on a tiny weight set: key mismatches reported, the allow-list honoured.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class FileServer:
         self.token: str | None = None  # when set, the Hub wants "Authorization: Bearer TOKEN" (a gated repo)
         self.hub = ThreadingHTTPServer(("127.0.0.1", 0), self._handler("hub"))
         self.cdn = ThreadingHTTPServer(("127.0.0.1", 0), self._handler("cdn"))
-        self.threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in (self.hub, self.cdn)]
+        self.threads = [threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+                        for s in (self.hub, self.cdn)]
 
     @property
     def base_url(self) -> str:
@@ -466,7 +468,8 @@ def test_datasets_are_downloaded_and_unpacked(server, home, published, tmp_path,
     local = home / "datasets"
     assert (local / MASK_INDEX).read_bytes() == index
     assert (local / "all_masks_flexible_size_and_spacing_4000" / "a" / "mask_1.nii.gz").read_bytes() == b"mask bytes"
-    assert not (local / MASK_ARCHIVE).exists() and not (local / f"{MASK_ARCHIVE}.part").exists()
+    assert not (local / MASK_ARCHIVE).exists()  # unpacked, then deleted
+    assert list(home.rglob("*.incomplete")) == []
     hashes = json.loads((local / "hashes.json").read_text())
     assert sorted(hashes) == sorted([MASK_INDEX, MASK_ARCHIVE, "all_anatomy_size_conditions.json"])
     assert hashes[MASK_INDEX]["sha256"] == _sha256(index)
@@ -489,3 +492,39 @@ def test_archive_member_outside_its_folder_is_refused(server, home, published, t
     assert result.returncode == 2 and "points outside the archive" in _error_line(result.stderr)
     assert not (home / "escaped.txt").exists() and not (home / "datasets" / "escaped.txt").exists()
     assert not (home / "datasets" / "all_masks_flexible_size_and_spacing_4000").exists()
+
+
+def test_verify_load_reports_key_mismatches_and_honours_the_allow_list(home, tiny_weights):
+    import shutil
+
+    import torch
+    from maisicore.models.weights import load_model, resolve_model
+
+    folder = home / "weights" / MODEL
+    shutil.copytree(tiny_weights[MODEL], folder)
+    ok = run_maisi_in_process("weights", "verify", MODEL, "--load")
+    assert ok.returncode == 0, ok.stderr
+    loads = [line for line in ok.stdout.splitlines() if line.startswith("loads")]
+    assert len(loads) == 3 and all("into the rflow-ct/tiny" in line for line in loads)
+    assert ok.stdout.splitlines()[-1].endswith("every checkpoint loads")
+
+    # An extra tensor in the ControlNet's state dict: reported, exit 1.
+    path = folder / "models" / WEIGHT_NAMES[2]
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["controlnet_state_dict"]["ema.shadow.weight"] = torch.zeros(2)
+    torch.save(checkpoint, path)
+    bad = run_maisi_in_process("weights", "verify", MODEL, "--load")
+    assert bad.returncode == 1
+    assert f"mismatch   {path} (1 unexpected key(s) (first: ema.shadow.weight))" in bad.stdout
+    assert "verify --load failed" in _one_line(bad.stderr) and "allowed_extra_keys" in bad.stderr
+
+    # Allowed in the weight folder's card: ignored by verify and by loading alike.
+    card_path = folder / "maisi_model.json"
+    card = json.loads(card_path.read_text())
+    card["allowed_extra_keys"] = {"controlnet": ["ema.*"]}
+    card_path.write_text(json.dumps(card))
+    allowed = run_maisi_in_process("weights", "verify", MODEL, "--load")
+    assert allowed.returncode == 0, allowed.stderr
+    assert f"loads      {path} (" in allowed.stdout and "1 allowed extra key(s) ignored" in allowed.stdout
+    preset, resolved = resolve_model(MODEL, None)
+    assert load_model(preset, resolved).controlnet is not None

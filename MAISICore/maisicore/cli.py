@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     inpaint.add_argument("--image", required=True, metavar="CT", help="CT volume file or a DICOM series (its folder, one of its files, or FOLDER#SeriesInstanceUID)")
-    inpaint.add_argument("--tumor-mask", metavar="M", help="binary tumour mask on the CT's grid")
+    inpaint.add_argument("--tumor-mask", metavar="M", help="binary tumour mask on the CT's grid (a volume file or a DICOM SEG)")
     inpaint.add_argument("--tumor-center", nargs=3, type=float, metavar=("X", "Y", "Z"), help="RAS, mm")
     inpaint.add_argument("--tumor-diameter", type=float, metavar="MM")
     inpaint.add_argument("--tumor-type", required=True, metavar="NAME",

@@ -105,7 +105,10 @@ def find_series(folder: Path) -> list[SeriesFiles]:
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
         if not is_dicom_file(path):
             continue
-        ds = _header(path)
+        try:
+            ds = _header(path)
+        except Exception:  # a broken file: left out (a gap it leaves is reported as missing slices)
+            continue
         uid = str(ds.get("SeriesInstanceUID", "") or "")
         entry = found.setdefault(uid, SeriesFiles(uid, str(ds.get("Modality", "") or ""),
                                                   str(ds.get("SeriesDescription", "") or ""), [], _is_seg(ds)))
@@ -184,16 +187,16 @@ def _read_slices(files: list[Path], where: str) -> Volume:
             raise InputError(f"{where}: {len(lacking)} file(s) without {attribute} (first: {lacking[0]}); "
                              "not an image series with a patient geometry")
     order, affine_lps = series_geometry(headers, where)
-    slices = []
-    for index in order:
+    array = np.empty((int(headers[0].Columns), int(headers[0].Rows), len(order)), dtype=np.float32)
+    for k, index in enumerate(order):
         ds = headers[index]
         try:
             values = apply_modality_lut(ds.pixel_array, ds)
         except Exception as exc:  # a compressed syntax without its decoder, or broken pixel data
             syntax = ds.file_meta.get("TransferSyntaxUID", "?")
             raise InputError(f"{files[index]}: pixel data cannot be decoded ({syntax}: {exc})") from exc
-        slices.append(np.asarray(values, dtype=np.float32).T)  # (rows, cols) → (x = column, y = row)
-    array = np.stack(slices, axis=-1)
+        array[:, :, k] = np.asarray(values, dtype=np.float32).T  # (rows, columns) → (x = column, y = row)
+        del ds.PixelData  # decoded: let the encoded bytes go
     if np.all(np.isfinite(array)) and np.all(array == np.rint(array)) and array.min() >= -32768 and array.max() <= 32767:
         array = array.astype(np.int16)
     return Volume(array, lps_to_ras(affine_lps))
