@@ -1,103 +1,28 @@
 """Batch: a synthetic CT that follows a segmentation file, through MAISIGenerate's logic, no GUI.
 
-Inside Slicer (the MAISI extension installed):
+The script form of ``MAISIGenerateLib.batch`` (which Slicer users run from the installed extension,
+see its docstring and the README). Inside Slicer:
 
     Slicer --no-main-window --python-script Examples/maisi_generate_batch.py \\
         --segmentation seg.seg.nrrd [--reference ct.nrrd] --out synthetic.nrrd [--labels-out labels.seg.nrrd] \\
-        [--model rflow-ct|ddpm-ct|DIR] [--weights-dir DIR] [--seed N] [--steps N] [--device auto|cpu|cuda] \\
+        [--model rflow-ct|ddpm-ct|demo|DIR] [--weights-dir DIR] [--seed N] [--steps N] [--device auto|cpu|cuda] \\
         [--fit-grid] [--allow-any-size]
 
 Without Slicer, with a plain Python that has the ``slicer-core`` wheel and maisicore installed
 (from this repository), the same command line works with ``python Examples/maisi_generate_batch.py``.
-
-Segments are matched to MAISI labels by name and terminology (unresolved ones are reported and
-left out); the CT takes the reference volume's grid (else the segmentation's), and the label
-segmentation is written with MAISI names, colours and terminology. Exit code 0 on success.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import slicer
 
-IN_SLICER = hasattr(slicer, "app")
-if not IN_SLICER:  # plain Python: the module's Qt-free library from this repository
+if not hasattr(slicer, "app"):  # plain Python: the module's Qt-free library from this repository
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "MAISIGenerate"))
 
-from MAISIGenerateLib.logic import GenerateLogic  # noqa: E402  (after the sys.path line above)
-from MAISIGenerateLib.parameters import FromSegmentation, RunOptions  # noqa: E402
-
-
-def load(path: str, class_name: str):
-    """A node read from ``path``: Slicer's loaders in Slicer, the storage nodes headless."""
-    if IN_SLICER:
-        return slicer.util.loadSegmentation(path) if class_name == "vtkMRMLSegmentationNode" else slicer.util.loadVolume(path)
-    node = slicer.mrmlScene.AddNewNodeByClass(class_name, Path(path).name.split(".")[0])
-    storage_class = "vtkMRMLSegmentationStorageNode" if class_name == "vtkMRMLSegmentationNode" else "vtkMRMLVolumeArchetypeStorageNode"
-    storage = slicer.mrmlScene.AddNewNodeByClass(storage_class)
-    storage.SetFileName(str(path))
-    if not storage.ReadData(node):
-        raise RuntimeError(f"cannot read {path}")
-    return node
-
-
-def save(node, path: str) -> None:
-    """Write ``node`` to ``path`` (format by extension)."""
-    if IN_SLICER:
-        if not slicer.util.saveNode(node, str(path)):
-            raise RuntimeError(f"cannot write {path}")
-        return
-    storage = slicer.mrmlScene.AddNewNodeByClass(
-        "vtkMRMLSegmentationStorageNode" if node.IsA("vtkMRMLSegmentationNode") else "vtkMRMLVolumeArchetypeStorageNode")
-    storage.SetFileName(str(path))
-    if not storage.WriteData(node):
-        raise RuntimeError(f"cannot write {path}")
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--segmentation", required=True, help="segmentation file (.seg.nrrd, or a labelmap)")
-    parser.add_argument("--reference", help="reference volume: the grid of the result, and the body outline (CT)")
-    parser.add_argument("--out", required=True, help="synthetic CT file (.nrrd, .nii.gz)")
-    parser.add_argument("--labels-out", help="segmentation of the labels used (.seg.nrrd)")
-    parser.add_argument("--model", default="rflow-ct")
-    parser.add_argument("--weights-dir")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--fit-grid", action="store_true", help="generate on the closest published grid, map back")
-    parser.add_argument("--allow-any-size", action="store_true")
-    args = parser.parse_args(argv)
-
-    if not IN_SLICER:
-        from MAISIGenerateLib.headless import headless_scene
-
-        headless_scene()
-    segmentation = load(args.segmentation, "vtkMRMLSegmentationNode")
-    reference = load(args.reference, "vtkMRMLScalarVolumeNode") if args.reference else None
-    logic = GenerateLogic()
-    build = logic.labels_from_segmentation(segmentation, reference)
-    print(build.summary(), flush=True)
-    options = RunOptions(args.model, args.weights_dir, args.seed, args.steps, args.device, args.allow_any_size)
-    result = logic.run(FromSegmentation(segmentation, reference, fit_grid=args.fit_grid), options,
-                       log=lambda line: print(line, flush=True),
-                       progress=lambda stage, done, total: print(f"{stage} {done}/{total}", flush=True))
-    save(result.volume_node, args.out)
-    if args.labels_out and result.segmentation_node is not None:
-        save(result.segmentation_node, args.labels_out)
-    print(f"saved {args.out}" + (f" and {args.labels_out}" if args.labels_out else ""), flush=True)
-    return 0
-
+from MAISIGenerateLib.batch import run  # noqa: E402  (after the sys.path line above)
 
 if __name__ == "__main__":
-    code = 1
-    try:
-        code = main(sys.argv[1:])
-    except Exception as exc:  # one line, like the maisi program
-        print(f"maisi_generate_batch: error: {exc}", file=sys.stderr, flush=True)
-    if IN_SLICER:
-        slicer.util.exit(code)
-    sys.exit(code)
+    sys.exit(run(sys.argv[1:]))

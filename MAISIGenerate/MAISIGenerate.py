@@ -13,6 +13,7 @@ imported at file scope; maisicore only through ``MAISIGenerateLib``, its torch-f
 
 import json
 import logging
+from pathlib import Path
 from typing import Annotated
 
 import qt
@@ -51,6 +52,7 @@ from slicer.util import VTKObservationMixin
 
 logger = logging.getLogger(__name__)
 NOT_USED = "(not used)"
+WEIGHTS_DIR_SETTING = "MAISI/WeightsFolder"  # application settings key of the weight folder field
 
 
 #
@@ -75,8 +77,21 @@ class MAISIGenerate(ScriptedLoadableModule):
         )
         self.parent.acknowledgementText = _(
             "MAISI (Medical AI for Synthetic Imaging) is NVIDIA's; its weights are under NVIDIA's licences. "
-            "This module runs MONAI's MAISI networks through the maisicore library shipped with the extension."
+            "This module runs MONAI's MAISI networks through the maisicore library shipped with the extension. "
+            "The demo segmentation in Sample Data is TotalSegmentator's example (Apache-2.0), converted to MAISI labels."
         )
+        # The demo segmentation in Sample Data, once the application (and the Sample Data module) is up.
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """Offer the MAISI demo segmentation in the Sample Data module: a file shipped with the extension,
+    so one click loads it with no network (``MAISIGenerateLib.sampledata``)."""
+    import SampleData
+    from MAISIGenerateLib.sampledata import sample_data_sources
+
+    for source in sample_data_sources(Path(__file__).resolve().parent):
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(**source)
 
 
 #
@@ -122,37 +137,61 @@ class MAISIGenerateParameterNode:
 
 
 def ensureDependencies() -> bool:
-    """Install what MAISI needs, after asking: torch through the PyTorch extension, then the rest of
-    maisicore/requirements.txt through pip. True when everything is there. Shared with MAISITrain."""
-    if not dependencies.torch_installed():
+    """Install what MAISI needs, after asking: torch through the PyTorch extension (at least the
+    version MONAI needs), then the rest of maisicore/requirements.txt through pip with the installed
+    torch pinned, so pip never changes it. True when everything is there, False when the user
+    declined; RuntimeError with one message saying what to do when torch does not fit. Shared with
+    MAISITrain."""
+    import os
+
+    constraintFile = os.path.join(slicer.app.temporaryPath, "maisi-torch-constraint.txt")
+    plan = dependencies.current_plan(constraintFile)
+    if plan.refusal:
+        raise RuntimeError(plan.refusal)
+    if plan.torch_requirement:
         try:
             import PyTorchUtils
         except ModuleNotFoundError:
             raise RuntimeError(
                 _("MAISI needs PyTorch: install the 'PyTorch' extension from the Extensions Manager and restart Slicer.")
             ) from None
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if not torchLogic.torchInstalled():
-            torch = torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=dependencies.TORCH_REQUIREMENT)
-            if torch is None:
-                return False
-    # After torch: MONAI would otherwise pull a torch build of its own choice.
-    missing = dependencies.missing_requirements()
-    if not missing:
+        if PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=True, torchVersionRequirement=plan.torch_requirement) is None:
+            return False
+        plan = dependencies.current_plan(constraintFile)
+        if plan.refusal:
+            raise RuntimeError(plan.refusal)
+    if plan.ready:
         return True
+    torchVersion = dependencies.installed_version("torch")
+    packages = ", ".join(arg for arg in plan.pip_arguments[2:])
+    text = _("MAISI needs these Python packages: {packages}. Install them now (a few minutes)? "
+             "torch {torch} stays as it is.").format(packages=packages, torch=torchVersion)
+    if not slicer.util.confirmOkCancelDisplay(text, windowTitle=_("MAISI dependencies")):
+        return False
+    with open(constraintFile, "w", encoding="utf-8") as handle:
+        handle.write(plan.constraints)
+    _pipInstall(plan.pip_arguments)
+    if dependencies.installed_version("torch") != torchVersion:  # the constraint forbids it; say so if it happened
+        raise RuntimeError(_("Installing MAISI's packages changed torch from {before} to {after}: restart Slicer.").format(
+            before=torchVersion, after=dependencies.installed_version("torch")))
+    return not dependencies.missing_requirements()
+
+
+def _pipInstall(arguments: list) -> None:
+    """``pip install ARGUMENTS`` in Slicer's Python (the user has already agreed): Slicer's newer
+    ``slicer.packaging.pip_install`` without its own prompt where it has one, else ``slicer.util.pip_install``."""
+    import inspect
+
     try:
-        from slicer import packaging  # Slicer 5.12+
+        from slicer import packaging
     except ImportError:
         packaging = None
-    if packaging is not None and hasattr(packaging, "pip_ensure"):
-        packaging.pip_ensure(packaging.load_requirements(str(dependencies.requirements_path())), requester="MAISI")
+    install = getattr(packaging, "pip_install", None)
+    if install is not None and "interactive" in inspect.signature(install).parameters:
+        install(list(arguments), interactive=False)
     else:
-        text = _("MAISI needs these Python packages: {packages}. Install them now (a few minutes)?").format(
-            packages=", ".join(missing))
-        if not slicer.util.confirmOkCancelDisplay(text, windowTitle=_("MAISI dependencies")):
-            return False
-        slicer.util.pip_install(missing)
-    return not dependencies.missing_requirements()
+        slicer.util.pip_install(list(arguments))
 
 
 #
@@ -172,6 +211,7 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._observedSegmentation = None
         self._job = None
         self._download = None
+        self._statusJob = None  # `maisi weights list` running in the worker
         self._weightRows = None
         self._cudaAvailable = None
         self._maskGrid = None
@@ -184,6 +224,7 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MAISIGenerateLogic()
+        self.logic.label_progress = self.onLabelProgress
 
         self._timer = qt.QTimer()
         self._timer.setInterval(250)
@@ -200,7 +241,10 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.downloadWeightsButton.connect("clicked(bool)", self.onDownloadWeights)
         self.ui.removeWeightsButton.connect("clicked(bool)", self.onRemoveWeights)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
-        self.ui.weightsDirPathLineEdit.connect("currentPathChanged(QString)", lambda path: self.updateWeightsLabel())
+        # The weight folder is remembered across sessions (and its history kept in the drop-down).
+        self.ui.weightsDirPathLineEdit.settingKey = WEIGHTS_DIR_SETTING
+        self.ui.weightsDirPathLineEdit.currentPath = str(qt.QSettings().value(WEIGHTS_DIR_SETTING + "/Current", ""))
+        self.ui.weightsDirPathLineEdit.connect("currentPathChanged(QString)", self.onWeightsDirChanged)
         self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
         self.ui.referenceVolumeSelector.connect(
             "currentNodeChanged(vtkMRMLNode*)", lambda node: qt.QTimer.singleShot(0, self.updateSuggestedGrid))
@@ -217,6 +261,9 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._download is not None:
             self._download.cancel()
             self._download = None
+        if self._statusJob is not None:
+            self._statusJob.cancel()
+            self._statusJob = None
         self._timer.stop()
         self.removeObservers()
 
@@ -308,18 +355,35 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return bool(self._cudaAvailable)
 
     def updateWeightsStatus(self) -> None:
-        """Ask `maisi weights list --json` which weights are installed (a few seconds)."""
+        """Ask the worker which weights are installed (`maisi weights list`); the timer picks the
+        answer up, so the panel stays responsive while the worker loads torch."""
         if not dependencies.torch_installed():
             self.ui.weightsStatusLabel.text = _("install the dependencies first")
             return
-        with slicer.util.WaitCursor():
-            try:
-                rows = self.logic.weights_status()
-                self._weightRows = {row.get("model"): row for row in rows}
-            except Exception as exc:  # shown in the panel, not fatal: a weight folder still works
-                self._weightRows = {}
-                self.ui.weightsStatusLabel.text = _("status unavailable: {error}").format(error=exc)
-                return
+        if self._statusJob is not None:
+            return
+        try:
+            self._statusJob = self.logic.start_weights_status()
+        except Exception as exc:  # shown in the panel, not fatal: a weight folder still works
+            self.ui.weightsStatusLabel.text = _("status unavailable: {error}").format(error=exc)
+            return
+        self.ui.weightsStatusLabel.text = _("checking the installed weights...")
+        self._timer.start()
+
+    def onWeightsStatusDone(self) -> None:
+        job, self._statusJob = self._statusJob, None
+        try:
+            self._weightRows = {row.get("model"): row for row in self.logic.weights_rows(job)}
+        except Exception as exc:  # shown in the panel, not fatal: a weight folder still works
+            self._weightRows = {}
+            self.ui.weightsStatusLabel.text = _("status unavailable: {error}").format(error=exc)
+            return
+        self.updateWeightsLabel()
+
+    def onWeightsDirChanged(self, path: str) -> None:
+        qt.QSettings().setValue(WEIGHTS_DIR_SETTING + "/Current", path)
+        if path:
+            self.ui.weightsDirPathLineEdit.addCurrentPathToHistory()
         self.updateWeightsLabel()
 
     def updateWeightsLabel(self) -> None:
@@ -550,6 +614,12 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.value = 0
             self._timer.start()
 
+    def onLabelProgress(self, done: int, total: int) -> None:
+        """Segments -> labels, slice by slice: show it and repaint (user input waits until the end)."""
+        if done % 16 == 0 or done == total:
+            self.ui.progressBar.value = int(100 * done / max(total, 1))
+            slicer.app.processEvents(qt.QEventLoop.ExcludeUserInputEvents)
+
     def cancelJob(self) -> None:
         job, self._job = self._job, None
         job.cancel()
@@ -583,7 +653,11 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 except RuntimeError as exc:
                     self.appendLog(_("Download failed: {error}").format(error=exc))
                 self.updateWeightsStatus()
-        if self._job is None and self._download is None:
+        if self._statusJob is not None:
+            self._statusJob.poll()
+            if self._statusJob.done:
+                self.onWeightsStatusDone()
+        if self._job is None and self._download is None and self._statusJob is None:
             self._timer.stop()
 
     def showResult(self, result) -> None:
@@ -628,14 +702,18 @@ class MAISIGenerateTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         self.setUp()
+        # Reload and Test calls runTest directly, outside unittest's runner: say why nothing ran
+        # rather than raise SkipTest there.
+        if not dependencies.torch_installed() or dependencies.missing_requirements():
+            self.delayDisplay("Skipped: install torch (PyTorch extension) and the MAISI requirements first "
+                              "(the Install dependencies button of MAISI Generate)")
+            return
         self.test_GenerateFromPaintedSphere()
 
     def test_GenerateFromPaintedSphere(self):
         import numpy as np
         from MAISIGenerateLib import mrml
 
-        if not dependencies.torch_installed() or dependencies.missing_requirements():
-            self.skipTest("torch, MONAI and the other MAISI requirements are not installed")
         logic = MAISIGenerateLogic()
         self.delayDisplay("Painting a sphere on an oblique, flipped 32³ grid")
         angle = np.deg2rad(20.0)

@@ -25,6 +25,7 @@ from MAISITrainLib.logic import (
     LossPlot,
     MetricsReader,
     TrainLogic,
+    TrainMonitor,
     TrainRequest,
 )
 from slicer.i18n import tr as _
@@ -84,10 +85,8 @@ class MAISITrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._job = None
-        self._request = None
-        self._metrics = None
-        self._plot = None
+        self._monitor = None  # the running job with its loss plot (TrainMonitor)
+        self._plot = None  # the last run's plot, extended by Resume
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -107,9 +106,10 @@ class MAISITrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        if self._job is not None:
-            self._job.stop()
-            self._job = None
+        if self._monitor is not None:
+            self._monitor.job.stop()
+            self._monitor.close()
+            self._monitor = None
         self._timer.stop()
         self.removeObservers()
 
@@ -123,6 +123,7 @@ class MAISITrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
+        # A running job goes on; its monitor makes the loss plot again in the new scene.
         self.setParameterNode(None)
         self._plot = None
 
@@ -176,7 +177,7 @@ class MAISITrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
 
     def onStartButton(self) -> None:
-        if self._job is not None:
+        if self._monitor is not None:
             self.stopJob()
             return
         self.startJob(resume=False)
@@ -191,14 +192,11 @@ class MAISITrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not ensureDependencies():
                 return
             request = self.requestFromParameters()
-            self._job = self.logic.start(request, resume=resume)
-            self._request = request
-            self._metrics = MetricsReader(request.metrics_path)
-            if self._plot is None or not resume:  # a new run gets its own curve; Resume extends it
-                self._plot = LossPlot(f"MAISI {request.stage} {Path(request.out_dir).name}")
-            slicer.modules.plots.logic().ShowChartInLayout(self._plot.chart)
+            job = self.logic.start(request, resume=resume)
+            previous = self._plot if resume else None  # a new run gets its own curve; Resume extends it
+            self._monitor = TrainMonitor(job, request, previous)
             self.ui.logTextEdit.clear()
-            for line in self._job.log:
+            for line in job.log:
                 self.appendLog(line)
             self.ui.startButton.text = _("Stop")
             self.ui.resumeButton.enabled = False
@@ -206,40 +204,42 @@ class MAISITrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._timer.start()
 
     def stopJob(self) -> None:
-        self._job.stop()
+        self._monitor.job.stop()
         self.appendLog(_("Stopped. Resume continues from the last checkpoint in the run folder."))
         self.onTimer()
 
     def onTimer(self) -> None:
-        if self._job is None:
+        monitor = self._monitor
+        if monitor is None:
             self._timer.stop()
             return
-        for line in self._job.poll():
+        status = monitor.tick()
+        for line in status.lines:
             self.appendLog(line)
-        rows = self._metrics.read()
-        if rows:
-            self._plot.update(rows)
-            last = rows[-1]
+        if status.plot_created:
+            slicer.modules.plots.logic().ShowChartInLayout(monitor.plot.chart)
+        self._plot = monitor.plot
+        last = status.last_row
+        if last is not None:
             text = _("step {step}: loss {loss:.4g}").format(step=last["step"], loss=float(last.get("loss", float("nan"))))
-            if self._request.max_steps:
-                self.ui.progressBar.value = int(100 * int(last["step"]) / self._request.max_steps)
+            if monitor.request.max_steps:
+                self.ui.progressBar.value = int(100 * int(last["step"]) / monitor.request.max_steps)
             self.ui.statusLabel.text = text
-        if self._job.done:
-            code = self._job.returncode
-            stopped = self._job.stopped
-            self._job = None
+        if status.done:
+            monitor.close()
+            self._monitor = None
             self._timer.stop()
             self.ui.startButton.text = _("Start")
             self.ui.resumeButton.enabled = True
-            if stopped:
+            if status.stopped:
                 self.ui.statusLabel.text = _("Stopped.")
-            elif code == 0:
+            elif status.returncode == 0:
                 self.ui.progressBar.value = 100
                 self.ui.statusLabel.text = _("Done: weights in {path} (use them as the weight folder in MAISI Generate).").format(
-                    path=self._request.weights_path)
+                    path=monitor.request.weights_path)
             else:
-                self.ui.statusLabel.text = _("Training failed (exit code {code}); see the log.").format(code=code)
-                slicer.util.errorDisplay(_("MAISI training failed (exit code {code}).").format(code=code),
+                self.ui.statusLabel.text = _("Training failed (exit code {code}); see the log.").format(code=status.returncode)
+                slicer.util.errorDisplay(_("MAISI training failed (exit code {code}).").format(code=status.returncode),
                                          detailedText="\n".join(self.ui.logTextEdit.toPlainText().splitlines()[-30:]))
 
     def appendLog(self, text: str) -> None:
@@ -271,21 +271,25 @@ class MAISITrainTest(ScriptedLoadableModuleTest):
 
     def test_CommandsAndLossPlot(self):
         import json
+        import shutil
         import tempfile
 
-        self.delayDisplay("Building the training commands")
         runDir = Path(tempfile.mkdtemp(prefix="maisi-train-selftest-"))
-        logic = MAISITrainLogic()
-        request = TrainRequest("vae", str(runDir), images_dir=str(runDir / "images"), max_steps=10, gpus=2)
-        commands = logic.commands(request)
-        self.assertEqual(commands[0][-4:], ["--images", str(runDir / "images"), "--out", str(runDir / "datalist.json")])
-        self.assertIn("torch.distributed.run", commands[1])
+        try:
+            self.delayDisplay("Building the training commands")
+            logic = MAISITrainLogic()
+            request = TrainRequest("vae", str(runDir), images_dir=str(runDir / "images"), max_steps=10, gpus=2)
+            commands = logic.commands(request)
+            self.assertEqual(commands[0][-4:], ["--images", str(runDir / "images"), "--out", str(runDir / "datalist.json")])
+            self.assertIn("torch.distributed.run", commands[1])
 
-        self.delayDisplay("Reading a metrics file into the loss plot")
-        rows = [{"step": s, "loss": 1.0 / s, "lr": 1e-4, "time_s": s} for s in range(1, 6)]
-        (runDir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        plot = LossPlot("MAISI self-test")
-        plot.update(MetricsReader(runDir / "metrics.jsonl").read())
-        self.assertEqual(plot.loss_table.GetNumberOfRows(), 5)
-        slicer.modules.plots.logic().ShowChartInLayout(plot.chart)
+            self.delayDisplay("Reading a metrics file into the loss plot")
+            rows = [{"step": s, "loss": 1.0 / s, "lr": 1e-4, "time_s": s} for s in range(1, 6)]
+            (runDir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            plot = LossPlot("MAISI self-test")
+            plot.update(MetricsReader(runDir / "metrics.jsonl").read())
+            self.assertEqual(plot.loss_table.GetNumberOfRows(), 5)
+            slicer.modules.plots.logic().ShowChartInLayout(plot.chart)
+        finally:
+            shutil.rmtree(runDir, ignore_errors=True)
         self.delayDisplay("Test passed")

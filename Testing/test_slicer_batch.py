@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import slicer
 from maisicore.io.volumes import read_volume
 from slicer_headless import REPO, add_segmentation, add_volume, paint_segment
@@ -21,6 +22,7 @@ def _write(node, path, storage_class):
     assert storage.WriteData(node), path
 
 
+@pytest.mark.slow
 def test_batch_script_writes_a_ct_on_the_reference_grid_and_its_labels(scene, tiny_weights, tmp_path):
     angle = np.deg2rad(15.0)
     ijk_to_ras = np.eye(4)

@@ -87,6 +87,7 @@ def _maisi_temp_dirs() -> set[str]:
     return {p.name for p in Path(tempfile.gettempdir()).glob("maisi-generate-*")}
 
 
+@pytest.mark.slow
 def test_generation_from_segmentation_matches_the_cli_on_the_reference_grid(scene, sphere_case, tiny_weights, tmp_path,
                                                                             maisi):
     reference, segmentation = sphere_case
@@ -151,6 +152,7 @@ def test_generation_from_segmentation_matches_the_cli_on_the_reference_grid(scen
         np.testing.assert_array_equal(mask != 0, labels.array == label_id)
 
 
+@pytest.mark.slow
 def test_inpainting_a_tumour_at_a_point_gives_a_new_volume_on_the_input_grid(scene, tiny_weights):
     ijk_to_ras = oblique_flipped_ijk_to_ras(spacing=(2.0, 2.0, 2.0))
     ct_array = _body_ct()
@@ -175,6 +177,7 @@ def test_inpainting_a_tumour_at_a_point_gives_a_new_volume_on_the_input_grid(sce
     assert "hepatic tumor" in names
 
 
+@pytest.mark.slow
 def test_random_anatomy_without_a_mask_gives_a_volume_and_no_labels(scene, tiny_weights):
     result = GenerateLogic().run(RandomAnatomy(size=(N, N, N), spacing=(5.0, 5.0, 5.0)), _options(tiny_weights, seed=1))
     assert result.segmentation_node is None
@@ -182,6 +185,7 @@ def test_random_anatomy_without_a_mask_gives_a_volume_and_no_labels(scene, tiny_
     assert slicer.util.arrayFromVolume(result.volume_node).shape == (N, N, N)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; Windows uses taskkill /T")
 def test_cancel_kills_the_worker_within_2_s_and_adds_nothing(scene, sphere_case, tiny_weights):
     reference, segmentation = sphere_case
@@ -263,3 +267,21 @@ def test_weights_status_and_download_command(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="cannot reach the weights server"):
         job.finish()
     assert not job.workdir.exists() and not (tmp_path / "weights" / "rflow-ct" / "models").exists()
+
+
+def test_weights_status_is_polled_not_waited_for(monkeypatch, tmp_path):
+    """The panel starts `maisi weights list` and returns at once (the worker takes seconds to load
+    torch); the timer polls the job and reads the same rows as the blocking call."""
+    monkeypatch.setenv("MAISI_HOME", str(tmp_path))
+    logic = GenerateLogic()
+    started = time.monotonic()
+    job = logic.start_weights_status()
+    assert time.monotonic() - started < 1.0 and not job.done  # nothing waited for
+    deadline = time.monotonic() + 120
+    while not job.done:
+        job.poll()
+        assert time.monotonic() < deadline, job.log
+        time.sleep(0.05)
+    rows = {row["model"]: row for row in logic.weights_rows(job)}
+    assert set(rows) == {"rflow-ct", "ddpm-ct"} and rows["rflow-ct"]["path"] == str(tmp_path / "weights" / "rflow-ct")
+    assert not job.workdir.exists()

@@ -12,6 +12,8 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
+import slicer
+import vtk
 from maisicore.anatomy.body import body_from_ct
 from MAISIGenerateLib import mrml
 from MAISIGenerateLib.logic import (
@@ -170,3 +172,68 @@ def test_the_output_grid_suggested_from_the_masks_field_of_view(case):
     small, large = estimate_seconds((128, 128, 128), 30), estimate_seconds(size, 30)
     assert 0 < small < large < estimate_seconds(size, 1000, "ddpm-ct")
     assert estimate_seconds(size, 30, device="cuda") < large
+
+
+def test_a_reference_volume_on_another_grid_gets_what_slicer_exports(case, scene):
+    """Segments painted on the oblique, flipped CT grid, labels asked on a plain axis-aligned 2 mm
+    grid: every segment lands where Slicer's own export (ExportSegmentsToLabelmapNode onto that
+    volume) puts it, though the layers are read slice by slice and nothing is exported."""
+    from maisicore.io.geometry import kji_to_ijk
+
+    center = case["ijk_to_ras"] @ np.array([*(np.array(case["ct"].shape) / 2), 1.0])
+    other = np.diag([2.0, 2.0, 2.0, 1.0])
+    other[:3, 3] = center[:3] - np.array([80, 80, 40]) * 2.0
+    reference = add_volume(np.zeros((160, 160, 80), np.int16), other, "axis-aligned 2 mm")
+    segmentation = case["segmentation"]
+
+    build = labels_from_segmentation(segmentation, reference, add_body=False)
+
+    assert build.labels.shape == (160, 160, 80)
+    np.testing.assert_array_equal(build.labels.affine, mrml.ijk_to_ras(reference))
+    expected = np.zeros((160, 160, 80), np.int16)
+    for match in build.matches:
+        if match.label_id is None:
+            continue
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(match.segment_id)
+        exported = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+        assert slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode(
+            segmentation, ids, exported, reference, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
+        expected[kji_to_ijk(slicer.util.arrayFromVolume(exported)) != 0] = match.label_id
+    assert (expected != 0).sum() > 1000
+    # Voxel for voxel, but for centres that fall on a half-voxel tie, where floating-point rounding
+    # in the two transform chains may pick the other neighbour (1 voxel of 2 million here).
+    assert (build.labels.array != expected).sum() <= 2
+
+
+def _sphere_surface_segmentation(reference, source_representation):
+    """A segmentation holding a 15 mm sphere as a closed surface ("Liver"), ``source_representation``
+    its source representation (as a model imported into Segmentations gives it)."""
+    segmentation = add_segmentation("Surfaces", reference)
+    segmentation.GetSegmentation().SetSourceRepresentationName(source_representation)
+    sphere = vtk.vtkSphereSource()
+    sphere.SetCenter(40.0, 38.0, 45.0)
+    sphere.SetRadius(15.0)
+    sphere.SetThetaResolution(32)
+    sphere.SetPhiResolution(32)
+    sphere.Update()
+    return segmentation, segmentation.AddSegmentFromClosedSurfaceRepresentation(sphere.GetOutput(), "Liver", [1, 0, 0])
+
+
+def test_closed_surface_segments_are_converted_in_a_copy_leaving_the_node_as_it_was(scene):
+    reference = add_volume(np.zeros((40, 40, 30), np.int16), np.diag([2.0, 2.0, 3.0, 1.0]), "CT")
+    labelmap = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    surface = slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()
+    segmentation, segment_id = _sphere_surface_segmentation(reference, surface)
+    segment = segmentation.GetSegmentation().GetSegment(segment_id)
+    assert segment.GetRepresentation(labelmap) is None
+
+    build = labels_from_segmentation(segmentation, reference, add_body=False)
+
+    assert segment.GetRepresentation(labelmap) is None  # no representation added to the user's node
+    assert segmentation.GetSegmentation().GetSourceRepresentationName() == surface
+    # The voxels are Slicer's own closed surface -> labelmap conversion of the same sphere.
+    same, same_id = _sphere_surface_segmentation(reference, labelmap)
+    expected = slicer.util.arrayFromSegmentBinaryLabelmap(same, same_id, reference)
+    assert expected.sum() > 500
+    np.testing.assert_array_equal(build.labels.array, np.where(np.transpose(expected, (2, 1, 0)) != 0, 1, 0))

@@ -83,6 +83,16 @@ def test_top_level_cmake_adds_every_module_and_has_the_metadata():
     assert entry["category"] == settings["EXTENSION_CATEGORY"]
     assert entry["build_dependencies"] == settings["EXTENSION_DEPENDS"].split()
     assert entry["scm_url"].rstrip("/").removesuffix(".git") == settings["EXTENSION_HOMEPAGE"].rstrip("/")
+    # The index lints entries with prettier and prettier-plugin-multiline-arrays (wrap threshold 0):
+    # two-space indent, every array item on its own line, which is what json.dumps(indent=2) writes.
+    assert (REPO / "MAISI.json").read_text() == json.dumps(entry, indent=2) + "\n"
+    # At least one screenshot, a raw URL of a PNG committed here (the index downloads and checks it).
+    raw = settings["EXTENSION_HOMEPAGE"].replace("https://github.com/", "https://raw.githubusercontent.com/") + "/main/"
+    screenshots = settings["EXTENSION_SCREENSHOTURLS"].split()
+    assert screenshots and all(url.startswith(raw) for url in screenshots)
+    for url in screenshots:
+        with Image.open(REPO / url[len(raw):]) as image:
+            assert image.format == "PNG" and image.size[0] >= 800
 
 
 @pytest.mark.parametrize("module", MODULES)

@@ -131,6 +131,7 @@ def _run(job, plot, reader, timeout_s=300):
     plot.update(reader.read())
 
 
+@pytest.mark.slow
 def test_a_tiny_training_run_streams_its_loss_and_resumes(scene, tmp_path, images):
     request = TrainRequest("vae", str(tmp_path / "run"), images_dir=str(images), width="tiny", max_steps=2,
                            patch_size=(32, 32, 32), lr=1e-3, device="cpu")
@@ -152,6 +153,7 @@ def test_a_tiny_training_run_streams_its_loss_and_resumes(scene, tmp_path, image
     np.testing.assert_array_equal(slicer.util.arrayFromTableColumn(plot.loss_table, "step"), [1, 2, 3])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_stop_kills_the_training_process_within_2_s(tmp_path, images):
     request = TrainRequest("vae", str(tmp_path / "run"), images_dir=str(images), width="tiny", max_steps=100000,
@@ -169,3 +171,45 @@ def test_stop_kills_the_training_process_within_2_s(tmp_path, images):
     assert time.monotonic() - started < 2.0
     assert job.done and job.stopped and job.returncode != 0
     assert live_process_group(pid) == []
+
+
+def test_closing_the_scene_during_a_run_raises_nothing_and_the_plot_comes_back(scene, tmp_path):
+    """The widget's timer handler (``TrainMonitor.tick``) while a real child process writes metrics:
+    the scene is closed between two ticks (as File > Close Scene does), the next tick neither raises
+    nor stops the run, and the loss plot is made again in the new scene with every row so far."""
+    from MAISITrainLib.logic import TrainJob, TrainMonitor
+
+    request = TrainRequest("vae", str(tmp_path), images_dir=str(tmp_path / "images"), max_steps=6)
+    writer = (
+        "import json, sys, time\n"
+        "for step in range(1, 7):\n"
+        "    with open(sys.argv[1], 'a') as f:\n"
+        "        f.write(json.dumps({'step': step, 'loss': 1.0 / step, 'lr': 1e-4, 'time_s': step}) + '\\n')\n"
+        "    print('step', step, flush=True)\n"
+        "    time.sleep(0.3)\n"
+    )
+    monitor = TrainMonitor(TrainJob([[sys.executable, "-c", writer, str(request.metrics_path)]]), request)
+    deadline = time.monotonic() + 60
+    while monitor.plot is None:  # the first rows arrive
+        status = monitor.tick()
+        assert not status.done, monitor.job.log
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    first_plot = monitor.plot
+    assert status.plot_created and first_plot.loss_table.GetScene() is scene
+
+    scene.Clear(False)  # StartCloseEvent, nodes removed, EndCloseEvent
+    assert first_plot.loss_table.GetScene() is None and monitor.plot is None
+
+    created = []
+    while not status.done:
+        status = monitor.tick()  # raised AttributeError on a None plot before
+        created.append(status.plot_created)
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    monitor.close()
+    assert status.returncode == 0 and not status.stopped
+    assert created.count(True) == 1 and monitor.plot is not first_plot
+    assert monitor.plot.loss_table.GetScene() is scene
+    np.testing.assert_array_equal(slicer.util.arrayFromTableColumn(monitor.plot.loss_table, "step"), [1, 2, 3, 4, 5, 6])
+    assert status.last_row["step"] == 6

@@ -157,7 +157,7 @@ def labels_from_segmentation(
     if readable is not None:
         layers, where = readable
         voxels = mrml.count_segment_voxels(layers, where, shape[2])
-    else:  # no binary labelmap to read (e.g. closed surfaces) or a non-linear transform: export
+    else:  # a non-linear transform: Slicer's export applies it
         voxels = {segment_id: int(mask.sum()) for segment_id, mask in mrml.exported_segment_masks(
             segmentation_node, ids, reference_volume)}
     # Several segments may map to one label: they are painted together, as one mask of their size.
@@ -391,6 +391,9 @@ class GenerateLogic:
 
     def __init__(self, python: list[str] | None = None):
         self.python = list(python) if python else worker_python()
+        # Called with (slices done, total) while a segmentation is turned into labels: the widget
+        # moves its progress bar and repaints (no user input) during the seconds a large one takes.
+        self.label_progress: Callable[[int, int], None] | None = None
 
     # segments
     match_segments = staticmethod(match_segments)
@@ -451,7 +454,8 @@ class GenerateLogic:
             raise ValueError("choose a segmentation")
         if (source.size is None) != (source.spacing is None):
             raise ValueError("give both the output size and spacing, or neither")
-        build = labels_from_segmentation(source.segmentation, source.reference_volume, source.overrides, source.add_body)
+        build = labels_from_segmentation(source.segmentation, source.reference_volume, source.overrides, source.add_body,
+                                         progress=self.label_progress)
         mask_file, labels_file, ct_file = workdir / "mask.nrrd", workdir / "labels.nrrd", workdir / "ct.nrrd"
         write_volume(mask_file, build.labels)
         sized = source.fit_grid and source.size is not None
@@ -577,8 +581,27 @@ class GenerateLogic:
 
     def weights_status(self, timeout_s: float = 60) -> list[dict]:
         """Every official model's status ({"model", "installed", "path", "license", "license_url",
-        "license_accepted", ...}). Raises RuntimeError when it fails."""
+        "license_accepted", ...}), waiting for the worker (batch use). Raises RuntimeError when it fails."""
         return list(self._weights_result("list", None, timeout_s)["details"]["models"])
+
+    def start_weights_status(self) -> GenerationJob:
+        """Start asking the worker for the models' status without waiting (it imports torch: seconds);
+        poll the job like a generation, then ``weights_rows(job)`` once it is ``done``."""
+        return self._weights_job("list")
+
+    @staticmethod
+    def weights_rows(job: GenerationJob) -> list[dict]:
+        """The status rows of a finished ``start_weights_status`` job (as ``weights_status``);
+        RuntimeError when it failed. Deletes the job's folder."""
+        try:
+            job.worker.wait()
+            job.poll()
+            if job.result_event is None:
+                message = (job.error_event or {}).get("message") or (job.log[-1] if job.log else "(no output)")
+                raise RuntimeError(f"`maisi weights list` failed: {message}")
+            return list(job.result_event["details"]["models"])
+        finally:
+            job.cleanup()
 
     def start_weights_download(self, model: str) -> GenerationJob:
         """Start downloading ``model``'s official weights, the licence accepted by the user (the

@@ -278,10 +278,12 @@ class _Layer:
     """One labelmap layer of a segmentation, read on the output grid one axial slice (k) at a time.
 
     values: the layer's voxels, (k, j, i) array (a view of the segmentation's data, never written);
-    index_to_output: 4x4 from the layer's index space to the output grid's index space."""
+    index_to_output: 4x4 from the layer's index space to the output grid's index space;
+    owner: the VTK image holding ``values``."""
 
-    def __init__(self, values: np.ndarray, extent, index_to_output: np.ndarray, shape_xyz):
+    def __init__(self, values: np.ndarray, extent, index_to_output: np.ndarray, shape_xyz, owner=None):
         self.values = values
+        self._owner = owner  # the VTK image whose memory ``values`` views: kept alive with it
         self.shape_xyz = tuple(int(s) for s in shape_xyz)
         self.first = np.array(extent[0::2], dtype=np.int64)  # layer index of values[0, 0, 0] (i, j, k)
         output_to_index = np.linalg.inv(index_to_output)
@@ -314,7 +316,8 @@ class _Layer:
             src = lo - self.shift[:2]
             out[lo[1]:hi[1], lo[0]:hi[0]] = self.values[kk, src[1]:src[1] + hi[1] - lo[1], src[0]:src[0] + hi[0] - lo[0]]
             return out
-        index = np.rint(self._base + k * self._step[:, None]).astype(np.int64) - self.first[:, None]
+        # nearest voxel, halves rounded up as VTK's nearest-neighbour reslice does
+        index = np.floor(self._base + k * self._step[:, None] + 0.5).astype(np.int64) - self.first[:, None]
         inside = np.all((index >= 0) & (index < size[:, None]), axis=0)
         if not inside.any():
             return None
@@ -328,20 +331,27 @@ def segment_layers(segmentation_node, ids: list[str], shape_xyz, ijk_to_ras_outp
                    grid_node=None) -> tuple[dict[int, _Layer], dict[str, tuple[int, int]]] | None:
     """The labelmap layers holding segments ``ids``, readable on the output grid (``shape_xyz``
     voxels, IJKToRAS ``ijk_to_ras_output`` in ``grid_node``'s coordinates), and where each segment
-    is: {segment id: (layer index, label value)}. None when they cannot be read directly (a segment
-    without a binary labelmap, or a non-linear transform): export the segments instead."""
+    is: {segment id: (layer index, label value)}. Segments kept as another representation (closed
+    surfaces) are converted in a copy of the segmentation: the node is left as it was. None when
+    the transform to world is not linear (export the segments instead)."""
+    from vtk.util import numpy_support
+
     segmentation = segmentation_node.GetSegmentation()
     name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
     seg_to_world, grid_to_world = _to_world(segmentation_node), _to_world(grid_node)
     if seg_to_world is None or grid_to_world is None:
         return None
+    if any(segmentation.GetSegment(i) is None or segmentation.GetSegment(i).GetRepresentation(name) is None for i in ids):
+        copy = slicer.vtkSegmentation()
+        copy.DeepCopy(segmentation)
+        if not copy.CreateRepresentation(name):
+            raise RuntimeError(f"cannot make labelmaps of the segments of {segmentation_node.GetName()!r}")
+        segmentation = copy
     output_index_to_world = grid_to_world @ ijk_to_ras_output
     layers, where = {}, {}
     for segment_id in ids:
         segment = segmentation.GetSegment(segment_id)
-        image = segment.GetRepresentation(name) if segment is not None else None
-        if image is None or image.GetPointData().GetScalars() is None:
-            return None
+        image = segment.GetRepresentation(name)
         layer = segmentation.GetLayerIndex(segment_id)
         where[segment_id] = (layer, int(segment.GetLabelValue()))
         if layer in layers:
@@ -349,8 +359,12 @@ def segment_layers(segmentation_node, ids: list[str], shape_xyz, ijk_to_ras_outp
         matrix = vtk.vtkMatrix4x4()
         image.GetImageToWorldMatrix(matrix)
         image_to_world = seg_to_world @ slicer.util.arrayFromVTKMatrix(matrix).astype(np.float64)
-        values = slicer.util.arrayFromSegmentInternalBinaryLabelmap(segmentation_node, segment_id)
-        layers[layer] = _Layer(values, image.GetExtent(), np.linalg.inv(output_index_to_world) @ image_to_world, shape_xyz)
+        extent = image.GetExtent()
+        size_kji = tuple(max(0, extent[2 * a + 1] - extent[2 * a] + 1) for a in (2, 1, 0))
+        scalars = image.GetPointData().GetScalars()
+        values = (numpy_support.vtk_to_numpy(scalars).reshape(size_kji) if scalars is not None and all(size_kji)
+                  else np.zeros((0, 0, 0), np.uint8))
+        layers[layer] = _Layer(values, extent, np.linalg.inv(output_index_to_world) @ image_to_world, shape_xyz, image)
     return layers, where
 
 
@@ -365,7 +379,7 @@ def _lookup(size: int, entries: dict[int, int], dtype) -> np.ndarray:
 def _layer_size(layer: _Layer, where: dict, layer_index: int) -> int:
     """Entries a lookup table of the layer's values needs (its largest value + 1)."""
     used = [value for (index, value) in where.values() if index == layer_index]
-    return int(max(int(layer.values.max(initial=0)), *used)) + 1
+    return max([int(layer.values.max(initial=0)), *used]) + 1
 
 
 def count_segment_voxels(layers: dict[int, _Layer], where: dict[str, tuple[int, int]], nz: int) -> dict[str, int]:

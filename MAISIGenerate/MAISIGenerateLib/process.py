@@ -140,7 +140,8 @@ class WorkerProcess:
         self.cancelled = True
         if os.name == "nt":
             if self.running:
-                subprocess.run(["taskkill", "/T", "/F", "/PID", str(self.pid)], capture_output=True, check=False)
+                subprocess.run(["taskkill", "/T", "/F", "/PID", str(self.pid)], capture_output=True, check=False,
+                               creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))  # no console flashes up
             self.wait()
             return
         pgid = self.pid  # start_new_session: the child's pid is its process group id

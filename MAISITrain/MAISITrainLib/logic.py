@@ -4,7 +4,8 @@ child process (torchrun for several GPUs), and the live loss curve from the run'
 What lives here: ``TrainRequest`` (what to train), ``train_commands`` (the command lines),
 ``TrainJob`` (runs them one after the other; stop kills the process tree; resume continues from the
 run folder's checkpoint), ``MetricsReader`` (reads RUN_DIR/metrics.jsonl incrementally, tolerating a
-half-written last line) and ``LossPlot`` (MRML table, plot series and chart nodes).
+half-written last line), ``LossPlot`` (MRML table, plot series and chart nodes) and ``TrainMonitor``
+(what the widget's timer does: job output and metrics into the plot, surviving a scene close).
 What is NOT here: Qt. The worker process helpers are MAISIGenerate's (``MAISIGenerateLib.process``).
 """
 
@@ -360,3 +361,59 @@ class TrainLogic:
         commands = self.commands(request, resume)
         Path(request.out_dir).mkdir(parents=True, exist_ok=True)
         return TrainJob(commands)
+
+
+@dataclass
+class TrainStatus:
+    """What one ``TrainMonitor.tick`` saw: new output ``lines``, the last metrics row (None before
+    the first), whether the job has ended (``returncode``, ``stopped``), and ``plot_created`` when
+    the loss plot was made anew (show its chart)."""
+
+    lines: list
+    last_row: dict | None
+    done: bool
+    returncode: int | None
+    stopped: bool
+    plot_created: bool
+
+
+class TrainMonitor:
+    """A running ``TrainJob`` with its loss plot: what the MAISITrain widget's timer calls, Qt-free.
+
+    ``tick()`` takes the job's new output and the run's new metrics rows into the plot. The plot's
+    nodes live in the scene: when the scene closes (``StartCloseEvent``) the monitor lets go of them
+    and the next tick makes the plot again in the new scene from every row read so far, so closing
+    the scene during a run neither raises nor stops the run. ``plot``: a plot to extend (Resume)."""
+
+    def __init__(self, job: TrainJob, request: TrainRequest, plot: LossPlot | None = None, name: str | None = None):
+        self.job = job
+        self.request = request
+        self.name = name or f"MAISI {request.stage} {Path(request.out_dir).name}"
+        self.metrics = MetricsReader(request.metrics_path)
+        self.rows: list[dict] = list(plot.rows) if plot is not None else []
+        self.plot = plot if plot is not None and plot.chart.GetScene() is slicer.mrmlScene else None
+        self._scene = slicer.mrmlScene
+        self._observer = self._scene.AddObserver(slicer.vtkMRMLScene.StartCloseEvent, self._on_scene_close)
+
+    def _on_scene_close(self, caller=None, event=None) -> None:
+        self.plot = None  # its nodes are being removed with the scene's content
+
+    def tick(self) -> TrainStatus:
+        lines = self.job.poll()
+        new = self.metrics.read()
+        self.rows += new
+        created = False
+        if self.plot is None and self.rows:
+            self.plot = LossPlot(self.name)
+            self.plot.update(self.rows)
+            created = True
+        elif new:
+            self.plot.update(new)
+        return TrainStatus(lines, self.rows[-1] if self.rows else None, self.job.done, self.job.returncode,
+                           self.job.stopped, created)
+
+    def close(self) -> None:
+        """Stop watching the scene (the job is left as it is)."""
+        if self._observer is not None:
+            self._scene.RemoveObserver(self._observer)
+            self._observer = None
