@@ -69,6 +69,21 @@ def is_dicom_path(path: str | os.PathLike) -> bool:
     return base.is_dir() or (base.is_file() and is_dicom_file(base))
 
 
+def require_dicom_libraries() -> None:
+    """Refuse (one line) when pydicom ≥ 3 or highdicom is missing: they are the optional extra
+    ``maisicore[dicom]``, left out of what the Slicer extension installs (Slicer ships its own
+    pydicom, and its DICOM module imports and exports series)."""
+    try:
+        import highdicom  # noqa: F401
+        import pydicom
+    except ImportError:
+        raise InputError("reading or writing DICOM needs pydicom and highdicom: pip install 'maisicore[dicom]' "
+                         "(in Slicer, load DICOM with the DICOM module)") from None
+    if int(pydicom.__version__.split(".")[0]) < 3:
+        raise InputError(f"reading or writing DICOM needs pydicom 3 or newer (found {pydicom.__version__}): "
+                         "pip install 'maisicore[dicom]' in an environment of its own")
+
+
 # ---- reading --------------------------------------------------------------------------------------
 
 
@@ -101,6 +116,7 @@ def _is_seg(ds) -> bool:
 
 def find_series(folder: Path) -> list[SeriesFiles]:
     """Every DICOM series directly in ``folder`` (non-DICOM files are ignored), sorted by UID."""
+    require_dicom_libraries()
     found: dict[str, SeriesFiles] = {}
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
         if not is_dicom_file(path):
@@ -166,6 +182,7 @@ def read_dicom(path: str | os.PathLike, modality: str | None = None) -> Volume:
         HU as int16 when every rescaled value is a whole number in range, else float32; affine
         index → RAS, mm. A SEG gives MAISI label ids (int16) on the SEG's own grid.
     """
+    require_dicom_libraries()
     series = _select(path)
     where = os.fspath(path)
     _check_modality(series, where, modality)
@@ -402,6 +419,7 @@ class Provenance:
 def check_dicom_output(path: str | os.PathLike, what: str = "--out") -> Path:
     """Refuse, before any compute, a DICOM output folder that exists with files in it, or whose
     parent folder is missing or not writable."""
+    require_dicom_libraries()
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise InputError(f"{what} {path}: exists and is not an empty folder; --format dicom writes a new folder")
@@ -621,6 +639,7 @@ def write_dicom(
     frame of reference are copied and each slice references its source slice. The folder is built
     beside its final place and renamed into it, so it is complete or absent.
     """
+    require_dicom_libraries()
     from pydicom.filewriter import dcmwrite
 
     folder = check_dicom_output(folder)
