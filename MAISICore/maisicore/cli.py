@@ -866,6 +866,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = None
     if threading_main():
         previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)  # SIGTERM cleans up like Ctrl-C
+        # A shell starts background jobs with SIGINT ignored, and Python then keeps it ignored:
+        # `kill -INT` must still stop a run cleanly (a terminal's Ctrl-C never reaches a background job).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
