@@ -185,28 +185,15 @@ def exported_segment_masks(segmentation_node, ids: list[str], reference_volume=N
 def segment_masks(segmentation_node, ids: list[str], reference_volume=None):
     """Binary masks of the segments ``ids`` on one grid: the reference volume's when given, else the
     segmentation's reference geometry. Returns ({segment id: bool array (x, y, z)}, affine index -> RAS).
-    Leaves the scene as it was."""
-    from maisicore.io.geometry import kji_to_ijk
-
-    logic = slicer.modules.segmentations.logic()
-    with temporary_nodes():
-        grid = reference_volume if reference_volume is not None else reference_geometry_node(segmentation_node)
-        temporary = _scratch_labelmap()
-        affine = ijk_to_ras(grid)
-        shape_kji = tuple(reversed(grid.GetImageData().GetDimensions()))
-        masks = {}
-        for segment_id in ids:
-            one = vtk.vtkStringArray()
-            one.InsertNextValue(segment_id)
-            if not logic.ExportSegmentsToLabelmapNode(
-                segmentation_node, one, temporary, grid, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
-            ):
-                raise RuntimeError(f"cannot export segment {segment_id!r} of {segmentation_node.GetName()!r}")
-            array = slicer.util.arrayFromVolume(temporary)
-            if array.shape != shape_kji:
-                raise RuntimeError(f"segment {segment_id!r} exported with shape {array.shape}, expected {shape_kji}")
-            masks[segment_id] = np.ascontiguousarray(kji_to_ijk(array != 0))
-        return masks, affine
+    Leaves the scene as it was. (Many segments: ``exported_segment_masks`` holds one at a time.)"""
+    if reference_volume is not None:
+        affine = ijk_to_ras(reference_volume)
+    else:
+        with temporary_nodes():
+            affine = ijk_to_ras(reference_geometry_node(segmentation_node))
+    masks = {segment_id: np.ascontiguousarray(mask)
+             for segment_id, mask in exported_segment_masks(segmentation_node, ids, reference_volume)}
+    return masks, affine
 
 
 def add_label_segmentation(labels, name: str, reference_node=None):
