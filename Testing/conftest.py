@@ -95,33 +95,37 @@ def run_maisi(*args, cwd=None, timeout=600) -> subprocess.CompletedProcess:
     )
 
 
-# Python's default warning filters: what a user of `maisi` would see on stderr.
+# Python's default warning filters hide these: what a user of `maisi` sees on stderr is the rest.
 _HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
 
 
 def run_maisi_in_process(*args) -> subprocess.CompletedProcess:
     """Run `maisi ARGS` in this process through ``maisicore.cli.main``, with what ``run_maisi``
     returns (returncode, stdout, stderr) but no Python and torch start per call. stdin is empty and
-    not a terminal (a child's /dev/null); warnings the command emits are appended to stderr as a
-    child process would print them."""
+    not a terminal (a child's /dev/null); warnings go to stderr where they happen, filtered as in a
+    fresh Python (each shown once per place)."""
     from maisicore.cli import main
 
     argv = [str(a) for a in args]
     out, err = io.StringIO(), io.StringIO()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        err.write(warnings.formatwarning(message, category, filename, lineno, line))
+
     stdin, sys.stdin = sys.stdin, io.StringIO()
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
-                warnings.catch_warnings(record=True) as caught:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
             warnings.simplefilter("default")
+            for category in _HIDDEN_WARNINGS:
+                warnings.simplefilter("ignore", category)
+            warnings.showwarning = show  # restored by catch_warnings
             try:
                 code = main(argv)
             except SystemExit as exc:  # argparse's --help and --version exit
                 code = exc.code
     finally:
         sys.stdin = stdin
-    shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno)
-                    for w in caught if not issubclass(w.category, _HIDDEN_WARNINGS))
-    return subprocess.CompletedProcess(["maisi", *argv], code, out.getvalue(), err.getvalue() + shown)
+    return subprocess.CompletedProcess(["maisi", *argv], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture

@@ -133,6 +133,7 @@ def oblique_mask(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_generated_ct_as_dicom_reads_back_as_the_nifti(tiny_weights, oblique_mask, tmp_path, maisi):
     import highdicom as hd
     import SimpleITK as sitk

@@ -21,6 +21,7 @@ def _sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights", ["training_start_weights", "tiny_weights"])
 @pytest.mark.parametrize("model,extra", [("rflow-ct", []), ("ddpm-ct", ["--steps", 5])])
 def test_generate_is_bit_identical_across_runs(request, tmp_path, model, extra, weights, maisi):
@@ -45,6 +46,7 @@ def test_generate_is_bit_identical_across_runs(request, tmp_path, model, extra, 
     assert not np.array_equal(np.asanyarray(nib.load(other).dataobj), data)
 
 
+@pytest.mark.slow
 def test_output_geometry_without_mask(tiny_weights, tmp_path, maisi):
     out = tmp_path / "ct.nrrd"
     result = maisi("generate", "--model", "rflow-ct", "--weights-dir", tiny_weights["rflow-ct"],
@@ -75,6 +77,7 @@ def _oblique_flipped(volume: Volume) -> Volume:
     return Volume(np.ascontiguousarray(array), rot @ volume.affine @ perm)
 
 
+@pytest.mark.slow
 def test_mask_geometry_is_kept_exactly_in_any_orientation(tiny_weights, tmp_path, real_data, maisi):
     labels, affine = body_mask_from_real_data(real_data)
     plain = Volume(labels, affine)
@@ -107,6 +110,7 @@ def test_mask_geometry_is_kept_exactly_in_any_orientation(tiny_weights, tmp_path
     assert Image.open(tmp_path / "plain.png").size[0] > 256
 
 
+@pytest.mark.slow
 def test_controlnet_changes_only_the_labelled_result(tiny_weights):
     labels = np.zeros((64, 64, 64), np.int64)
     labels[8:56, 8:56, 8:56] = 200
@@ -138,6 +142,7 @@ def test_controlnet_changes_only_the_labelled_result(tiny_weights):
     assert not np.array_equal(other.array[inside & (labels2 != 0)], with_active_cn[inside & (labels2 != 0)])
 
 
+@pytest.mark.slow
 def test_progress_and_cancel(tiny_weights):
     from maisicore.errors import Cancelled
 

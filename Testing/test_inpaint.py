@@ -28,6 +28,7 @@ def _sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_inpaint_changes_only_the_tumour_region(tiny_weights, real_data, anatomy, tmp_path):
     from scipy import ndimage
 
@@ -54,6 +55,7 @@ def test_inpaint_changes_only_the_tumour_region(tiny_weights, real_data, anatomy
     assert np.mean(a[tumour] != b[tumour]) > 0.5  # and the tumour was regenerated
 
 
+@pytest.mark.slow
 def test_inpaint_api_with_a_user_mask_and_no_labels(tiny_weights, real_data):
     ct = read_volume(real_data / "example_ct_sm.nii.gz")
     model = load_model(get_preset("rflow-ct", "tiny"), tiny_weights["rflow-ct"])
@@ -76,6 +78,7 @@ def test_inpaint_api_with_a_user_mask_and_no_labels(tiny_weights, real_data):
     assert np.array_equal(result.ct.array[outside], floating.array[outside])
 
 
+@pytest.mark.slow
 def test_cost_follows_the_region_not_the_scan(tiny_weights, real_data):
     ct = read_volume(real_data / "example_ct.nii.gz")  # 122×101×112
     padded = np.full((244, 202, 112), -1024, ct.array.dtype)  # 4× the voxels, same anatomy

@@ -142,6 +142,7 @@ def test_closest_valid_grid_keeps_the_extent_and_maps_back_exactly(converted):
     assert np.mean((back.array > -500) == (labels.array > 0)) > 0.97
 
 
+@pytest.mark.slow
 def test_generate_fit_grid_and_back_on_the_mask_grid(tiny_weights, converted, tmp_path, maisi):
     mask_path = converted[0]
     out, label_out = tmp_path / "ct.nii.gz", tmp_path / "labels.nii.gz"
@@ -190,6 +191,7 @@ def _candidate_database(converted_labels: Volume, folder):
     return folder / "candidates.json"
 
 
+@pytest.mark.slow
 def test_paired_generation_from_a_candidate_database(tiny_weights, converted, tmp_path, maisi):
     db = _candidate_database(read_volume(converted[0]), tmp_path)
     out, label_out = tmp_path / "ct.nii.gz", tmp_path / "labels.nii.gz"

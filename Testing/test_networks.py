@@ -35,14 +35,28 @@ def _official_networks(reference_dir, model):
     }
 
 
+@pytest.fixture(scope="module")
+def official_networks(reference_dir):
+    """``_official_networks`` per model, built once for this file's tests (and freed after them)."""
+    built = {}
+
+    def get(model):
+        if model not in built:
+            built[model] = _official_networks(reference_dir, model)
+        return built[model]
+
+    yield get
+    built.clear()
+
+
 def _signature(module):
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
 @pytest.mark.parametrize("model", ["rflow-ct", "ddpm-ct"])
-def test_official_width_matches_reference_config(reference_dir, model):
+def test_official_width_matches_reference_config(official_networks, model):
     torch.manual_seed(0)
-    reference = _official_networks(reference_dir, model)
+    reference = official_networks(model)
     preset = get_preset(model, "official")
     ours = {
         "autoencoder": build_autoencoder(preset),
@@ -64,9 +78,9 @@ def test_official_width_matches_reference_config(reference_dir, model):
             assert getattr(scheduler, key) == value, key
 
 
-def test_reference_built_weights_give_identical_outputs(reference_dir):
+def test_reference_built_weights_give_identical_outputs(official_networks):
     """Weights of the reference-built network load strictly into ours and give the same output."""
-    reference = _official_networks(reference_dir, "rflow-ct")
+    reference = official_networks("rflow-ct")
     preset = get_preset("rflow-ct", "official")
     unet = build_diffusion_unet(preset)
     unet.load_state_dict(reference["diffusion_unet"].state_dict(), strict=True)

@@ -44,6 +44,7 @@ def _request(weights: dict, mask, out, label_out, **extra) -> GenerateRequest:
                            label_out=str(label_out), seed=3, steps=2, device="cpu", allow_any_size=True, **extra)
 
 
+@pytest.mark.slow
 def test_cli_python_api_and_run_request_write_identical_files(tiny_weights, off_grid_mask, tmp_path):
     mask, labels, affine = off_grid_mask
     # 1. The human command line, in-process.
@@ -115,6 +116,7 @@ def test_fit_modes_and_their_grids(tiny_weights, off_grid_mask):
     assert prepared.original_grid is None and prepared.plan.size == (64, 64, 32) and prepared.notes[:1] != ["mask grid"]
 
 
+@pytest.mark.slow
 def test_the_demo_model_takes_a_real_segmentation_as_it_is(real_data, tmp_path):
     """The quick start's one line: TotalSegmentator's example converted, then `--model demo --mask`."""
     labels = tmp_path / "labels.nii.gz"

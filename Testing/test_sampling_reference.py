@@ -58,8 +58,15 @@ def _reference_latents(model, plan, seed, with_mask):
         return DiffusionInferer(scheduler).sample(noise, unet, scheduler=scheduler, verbose=False)
 
 
-@pytest.mark.parametrize("model_name,steps", [("rflow-ct", 30), ("ddpm-ct", 6)])
-@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize(
+    "model_name,steps,with_mask",
+    [
+        pytest.param("rflow-ct", 30, False, marks=pytest.mark.slow),
+        pytest.param("rflow-ct", 30, True, marks=pytest.mark.slow),
+        ("ddpm-ct", 6, False),
+        pytest.param("ddpm-ct", 6, True, marks=pytest.mark.slow),
+    ],
+)
 def test_latents_bit_identical_to_monai_inferer(tiny_weights, model_name, steps, with_mask):
     model = load_model(get_preset(model_name, "tiny"), tiny_weights[model_name], "cpu")
     mask = _mask() if with_mask else None

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -113,10 +114,55 @@ def test_latents_are_cached_with_labels_on_their_grid(data):
     assert again.returncode == 0 and "already encoded, skipped" in again.stdout
 
 
-def test_vae_validation_l1_falls_and_weights_load_in_generate(data, tmp_path):
-    run = tmp_path / "vae"
-    result = _maisi("train", "vae", "--datalist", data["ct"], "--out", run, "--width", "tiny", "--init", data["weights"],
-                    "--patch-size", 32, 32, 32, "--max-steps", 8, "--validate-every", 4, "--lr", 1e-3, "--device", "cpu")
+@pytest.fixture(scope="module")
+def stage_runs(request, data, tmp_path_factory):
+    """The loss-falls runs of the three stages, started together in child processes two at a time
+    (each child is single-threaded, so two use both cores of a small machine): {name: future of
+    (CompletedProcess, run folder)}. Only the runs of the tests selected in this session start."""
+    root = tmp_path_factory.mktemp("stage-runs")
+
+    def vae():
+        run = root / "vae"
+        return _maisi("train", "vae", "--datalist", data["ct"], "--out", run, "--width", "tiny", "--init", data["weights"],
+                      "--patch-size", 32, 32, 32, "--max-steps", 8, "--validate-every", 4, "--lr", 1e-3,
+                      "--device", "cpu"), run
+
+    def diffusion(model):
+        run = root / f"diffusion-{model}"
+        weights = data["weights"] if model == "rflow-ct" else data["ddpm_weights"]
+        return _maisi("train", "diffusion", "--datalist", data["latents"], "--out", run, "--model", model,
+                      "--width", "tiny", "--init", weights, "--max-steps", 6, "--validate-every", 3, "--batch-size", 1,
+                      "--lr", 1e-3, "--device", "cpu"), run
+
+    def controlnet():  # on a diffusion model trained for 2 steps: (base result, result or None, run)
+        diffusion = root / "controlnet-base"
+        base = _maisi("train", "diffusion", "--datalist", data["latents"], "--out", diffusion, "--width", "tiny",
+                      "--init", data["weights"], "--max-steps", 2, "--batch-size", 1, "--lr", 1e-3, "--device", "cpu")
+        if base.returncode != 0:
+            return base, None, None
+        run = root / "controlnet"
+        return base, _maisi("train", "controlnet", "--datalist", data["latents"], "--out", run, "--width", "tiny",
+                            "--init", diffusion / "weights", "--max-steps", 6, "--validate-every", 3, "--lr", 1e-3,
+                            "--weighted-labels", 1, "--label-weight", 10, "--device", "cpu"), run
+
+    wanted = set()
+    for item in request.session.items:
+        name = getattr(item, "originalname", item.name)
+        if name == "test_diffusion_loss_falls_on_a_fixed_batch":
+            wanted.add(f"diffusion-{item.callspec.params['model']}")
+        elif name == "test_controlnet_loss_falls_with_weighted_label":
+            wanted.add("controlnet")
+        elif name == "test_vae_validation_l1_falls_and_weights_load_in_generate":
+            wanted.add("vae")
+    jobs = {"controlnet": controlnet, "vae": vae,  # the longest first
+            "diffusion-rflow-ct": lambda: diffusion("rflow-ct"), "diffusion-ddpm-ct": lambda: diffusion("ddpm-ct")}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield {name: pool.submit(job) for name, job in jobs.items() if name in wanted}
+
+
+@pytest.mark.slow
+def test_vae_validation_l1_falls_and_weights_load_in_generate(stage_runs, data, tmp_path):
+    result, run = stage_runs["vae"].result()
     assert result.returncode == 0, result.stderr
     assert "perceptual loss OFF" in result.stdout
     curve = _val(read_metrics(run / "metrics.jsonl"), "val_l1")
@@ -133,13 +179,10 @@ def test_vae_validation_l1_falls_and_weights_load_in_generate(data, tmp_path):
     assert not all(torch.equal(trained[k], start[k]) for k in start)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["rflow-ct", "ddpm-ct"])
-def test_diffusion_loss_falls_on_a_fixed_batch(data, tmp_path, model):
-    run = tmp_path / "diffusion"
-    weights = data["weights"] if model == "rflow-ct" else data["ddpm_weights"]
-    result = _maisi("train", "diffusion", "--datalist", data["latents"], "--out", run, "--model", model, "--width", "tiny",
-                    "--init", weights, "--max-steps", 6, "--validate-every", 3, "--batch-size", 1, "--lr", 1e-3,
-                    "--device", "cpu")
+def test_diffusion_loss_falls_on_a_fixed_batch(stage_runs, data, model):
+    result, run = stage_runs[f"diffusion-{model}"].result()
     assert result.returncode == 0, result.stderr
     curve = _val(read_metrics(run / "metrics.jsonl"), "val_loss")
     assert len(curve) == 3 and curve[-1] < curve[0], curve
@@ -148,16 +191,12 @@ def test_diffusion_loss_falls_on_a_fixed_batch(data, tmp_path, model):
     assert float(checkpoint["scale_factor"]) == pytest.approx(1 / latent.std(ddof=1), rel=1e-4)
 
 
-def test_controlnet_loss_falls_with_weighted_label(data, tmp_path):
-    diffusion = tmp_path / "diffusion"
-    result = _maisi("train", "diffusion", "--datalist", data["latents"], "--out", diffusion, "--width", "tiny",
-                    "--init", data["weights"], "--max-steps", 2, "--batch-size", 1, "--lr", 1e-3, "--device", "cpu")
+@pytest.mark.slow
+def test_controlnet_loss_falls_with_weighted_label(stage_runs):
+    base, result, run = stage_runs["controlnet"].result()
+    assert base.returncode == 0, base.stderr
     assert result.returncode == 0, result.stderr
-    run = tmp_path / "controlnet"
-    result = _maisi("train", "controlnet", "--datalist", data["latents"], "--out", run, "--width", "tiny",
-                    "--init", diffusion / "weights", "--max-steps", 6, "--validate-every", 3, "--lr", 1e-3,
-                    "--weighted-labels", 1, "--label-weight", 10, "--device", "cpu")
-    assert result.returncode == 0, result.stderr
+    diffusion = run.parent / "controlnet-base"
     curve = _val(read_metrics(run / "metrics.jsonl"), "val_loss")
     assert len(curve) == 3 and curve[-1] < curve[0], curve
     # the frozen UNet is exported unchanged, the ControlNet changed
@@ -175,6 +214,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["vae", "diffusion"])
 def test_two_processes_equal_one_process_with_twice_the_batch(data, tmp_path, stage):
     datalist = data["ct"] if stage == "vae" else data["latents"]
@@ -182,12 +222,14 @@ def test_two_processes_equal_one_process_with_twice_the_batch(data, tmp_path, st
               "--lr", 1e-3, "--device", "cpu", "--validate-every", 100]
     if stage == "vae":
         common += ["--patch-size", 32, 32, 32]
-    single = _maisi(*common, "--batch-size", 2, "--out", tmp_path / "one")
-    assert single.returncode == 0, single.stderr
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                 "--master_port", str(_free_port()), "-m", "maisicore"]
-    double = subprocess.run([*torchrun, *map(str, common), "--batch-size", "1", "--out", str(tmp_path / "two")],
-                            capture_output=True, text=True, timeout=600, env=_env())
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the single process runs beside the two
+        single = pool.submit(_maisi, *common, "--batch-size", 2, "--out", tmp_path / "one")
+        double = subprocess.run([*torchrun, *map(str, common), "--batch-size", "1", "--out", str(tmp_path / "two")],
+                                capture_output=True, text=True, timeout=600, env=_env())
+        single = single.result()
+    assert single.returncode == 0, single.stderr
     assert double.returncode == 0, double.stderr[-3000:]
     name = "autoencoder_v1.pt" if stage == "vae" else "diff_unet_3d_rflow-ct.pt"
     one, two = (_tensors(tmp_path / run / "weights" / "models" / name) for run in ("one", "two"))
@@ -199,23 +241,26 @@ def test_two_processes_equal_one_process_with_twice_the_batch(data, tmp_path, st
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(data, tmp_path):
     args = ["train", "vae", "--datalist", data["ct"], "--width", "tiny", "--init", data["weights"], "--patch-size", 32, 32, 32,
             "--max-steps", 8, "--checkpoint-every", 2, "--validate-every", 4, "--lr", 1e-3, "--device", "cpu"]
-    whole = _maisi(*args, "--out", tmp_path / "whole")
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the uninterrupted run beside the one to be killed
+        whole = pool.submit(_maisi, *args, "--out", tmp_path / "whole")
+        run = tmp_path / "killed"
+        process = subprocess.Popen([sys.executable, "-m", "maisicore", *map(str, args), "--out", str(run)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            metrics = run / "metrics.jsonl"
+            steps = [r["step"] for r in read_metrics(metrics) if "loss" in r] if metrics.is_file() else []
+            if steps and steps[-1] >= 5:
+                break
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        whole = whole.result()
     assert whole.returncode == 0, whole.stderr
-
-    run = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "maisicore", *map(str, args), "--out", str(run)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] if (run / "metrics.jsonl").is_file() else []
-        if steps and steps[-1] >= 5:
-            break
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
     assert process.returncode == -signal.SIGKILL
     state = torch.load(run / "checkpoint" / "last.pt", weights_only=True)  # complete, loadable
     assert state["step"] in (4, 6)
@@ -282,6 +327,7 @@ def test_accepts_the_reference_config_files(reference_dir, data, tmp_path):
     assert "use_region_contrasive_loss" in controlnet.ignored
 
 
+@pytest.mark.slow
 def test_resume_needs_a_checkpoint_and_a_run_is_never_overwritten(data, tmp_path):
     assert "no checkpoint" in _bad(tmp_path, "vae", "--datalist", data["ct"], "--resume")
     run = tmp_path / "done"

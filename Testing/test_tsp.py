@@ -35,10 +35,12 @@ def _latent(shape, seed=1):
 @pytest.mark.parametrize(
     "shape,mode,slabs",
     [
-        ((17, 23, 29), "exact", (1, 3, 8)),  # sizes not divisible by the split counts
-        ((29, 17, 23), "exact", (2, 5)),  # the other axis order: the long axis is the split one
+        # sizes not divisible by the split counts
+        pytest.param((17, 23, 29), "exact", (1, 3, 8), marks=pytest.mark.slow),
+        # the other axis order: the long axis is the split one
+        pytest.param((29, 17, 23), "exact", (2, 5), marks=pytest.mark.slow),
         ((5, 6, 7), "exact", (1, 2, 3, 4, 5, 6, 7, 8)),  # 20 output slices: 20 down to 3 slabs
-        ((9, 7, 11), "bounded", (1, 4)),
+        pytest.param((9, 7, 11), "bounded", (1, 4), marks=pytest.mark.slow),
         ((5, 6, 7), "bounded", (3, 8)),
     ],
 )
@@ -52,6 +54,7 @@ def test_decode_equals_unsplit_any_size(tiny_ae, shape, mode, slabs):
         assert (out - reference).abs().max().item() <= TOLERANCE, (slab, mode)
 
 
+@pytest.mark.slow
 def test_official_width_decode_and_encode_exact(official_ae):
     z = _latent((6, 5, 7))
     with torch.no_grad():
@@ -67,7 +70,7 @@ def test_official_width_decode_and_encode_exact(official_ae):
     assert (ours_sigma - sigma).abs().max().item() <= TOLERANCE
 
 
-@pytest.mark.parametrize("mode", ["exact", "bounded"])
+@pytest.mark.parametrize("mode", ["exact", pytest.param("bounded", marks=pytest.mark.slow)])
 def test_encode_equals_unsplit(tiny_ae, mode):
     image = torch.rand((1, 1, 36, 44, 20), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -103,6 +106,7 @@ def test_planner_choices_and_refusal(official_ae):
     assert "more than the 0.01 GiB budget; raise --memory-budget" in str(info.value)
 
 
+@pytest.mark.slow
 def test_nothing_assumes_cuda(tiny_ae, monkeypatch):
     def no_cuda(*args, **kwargs):
         raise AssertionError("CUDA touched on a CPU run")
@@ -121,6 +125,7 @@ def test_nothing_assumes_cuda(tiny_ae, monkeypatch):
     assert decode_latents(tiny_ae, z, 1.0, "sliding-window", window=(4, 4, 4), overlap=0.5).shape == (1, 1, 28, 36, 20)
 
 
+@pytest.mark.slow
 def test_sliding_window_shows_seams_exact_does_not(tiny_ae):
     from maisicore.vae.decode import decode_latents
 
@@ -135,6 +140,7 @@ def test_sliding_window_shows_seams_exact_does_not(tiny_ae):
     assert window_error > 100 * max(exact_error, 1e-7)
 
 
+@pytest.mark.slow
 def test_vae_encode_decode_cli_on_real_ct(tiny_weights, real_data, tmp_path, maisi):
     from maisicore.pipelines.vae import latent_affine
 
@@ -187,6 +193,7 @@ def test_vae_decode_refuses_a_budget_below_what_the_process_holds(tiny_weights, 
     assert "raise --memory-budget" in result.stderr and not (tmp_path / "ct.nii.gz").exists()
 
 
+@pytest.mark.slow
 def test_generate_decodes_exactly_by_default(tiny_weights):
     from maisicore.models.weights import load_model
     from maisicore.pipelines.generate import generate, plan_generation

@@ -24,6 +24,7 @@ def _assert_same_state(a: torch.nn.Module, b: dict):
         assert torch.equal(state[key], value), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["rflow-ct", "ddpm-ct"])
 def test_official_width_round_trips_through_reference_layout(tmp_path, model):
     preset = get_preset(model, "official")
