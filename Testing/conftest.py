@@ -26,6 +26,17 @@ for _module in ("MAISIGenerate", "MAISITrain"):  # the Slicer modules' Qt-free l
 
 import fetch_test_data  # noqa: E402
 
+# Parallel workers (pytest-xdist: `-n auto` in the root pyproject.toml) share the machine's cores:
+# each worker, and every program it starts, gets an equal share of threads, so the thread pools of
+# torch and NumPy do not oversubscribe the cores (a pool spinning on a busy core stalls everyone).
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _THREADS = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_variable, str(_THREADS))
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 def pytest_collection_modifyitems(config, items):
     """``network`` for every test that needs the real CT data; ``gpu`` tests skip without CUDA."""

@@ -114,6 +114,12 @@ def test_latents_are_cached_with_labels_on_their_grid(data):
     assert again.returncode == 0 and "already encoded, skipped" in again.stdout
 
 
+def vae_run_args(data) -> list:
+    """`maisi train vae` of 8 steps on the real CT, checkpointed every 2 steps (without --out)."""
+    return ["train", "vae", "--datalist", data["ct"], "--width", "tiny", "--init", data["weights"], "--patch-size", 32, 32, 32,
+            "--max-steps", 8, "--checkpoint-every", 2, "--validate-every", 4, "--lr", 1e-3, "--device", "cpu"]
+
+
 @pytest.fixture(scope="module")
 def stage_runs(request, data, tmp_path_factory):
     """The loss-falls runs of the three stages, started together in child processes two at a time
@@ -121,11 +127,9 @@ def stage_runs(request, data, tmp_path_factory):
     (CompletedProcess, run folder)}. Only the runs of the tests selected in this session start."""
     root = tmp_path_factory.mktemp("stage-runs")
 
-    def vae():
+    def vae():  # also the uninterrupted run that the SIGKILL test compares with
         run = root / "vae"
-        return _maisi("train", "vae", "--datalist", data["ct"], "--out", run, "--width", "tiny", "--init", data["weights"],
-                      "--patch-size", 32, 32, 32, "--max-steps", 8, "--validate-every", 4, "--lr", 1e-3,
-                      "--device", "cpu"), run
+        return _maisi(*vae_run_args(data), "--out", run), run
 
     def diffusion(model):
         run = root / f"diffusion-{model}"
@@ -152,7 +156,8 @@ def stage_runs(request, data, tmp_path_factory):
             wanted.add(f"diffusion-{item.callspec.params['model']}")
         elif name == "test_controlnet_loss_falls_with_weighted_label":
             wanted.add("controlnet")
-        elif name == "test_vae_validation_l1_falls_and_weights_load_in_generate":
+        elif name in ("test_vae_validation_l1_falls_and_weights_load_in_generate",
+                      "test_sigkill_then_resume_gives_the_uninterrupted_weights"):
             wanted.add("vae")
     jobs = {"controlnet": controlnet, "vae": vae,  # the longest first
             "diffusion-rflow-ct": lambda: diffusion("rflow-ct"), "diffusion-ddpm-ct": lambda: diffusion("ddpm-ct")}
@@ -242,24 +247,21 @@ def test_two_processes_equal_one_process_with_twice_the_batch(data, tmp_path, st
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_gives_the_uninterrupted_weights(data, tmp_path):
-    args = ["train", "vae", "--datalist", data["ct"], "--width", "tiny", "--init", data["weights"], "--patch-size", 32, 32, 32,
-            "--max-steps", 8, "--checkpoint-every", 2, "--validate-every", 4, "--lr", 1e-3, "--device", "cpu"]
-    with ThreadPoolExecutor(max_workers=1) as pool:  # the uninterrupted run beside the one to be killed
-        whole = pool.submit(_maisi, *args, "--out", tmp_path / "whole")
-        run = tmp_path / "killed"
-        process = subprocess.Popen([sys.executable, "-m", "maisicore", *map(str, args), "--out", str(run)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            metrics = run / "metrics.jsonl"
-            steps = [r["step"] for r in read_metrics(metrics) if "loss" in r] if metrics.is_file() else []
-            if steps and steps[-1] >= 5:
-                break
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        whole = whole.result()
+def test_sigkill_then_resume_gives_the_uninterrupted_weights(stage_runs, data, tmp_path):
+    args = vae_run_args(data)
+    run = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "maisicore", *map(str, args), "--out", str(run)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        metrics = run / "metrics.jsonl"
+        steps = [r["step"] for r in read_metrics(metrics) if "loss" in r] if metrics.is_file() else []
+        if steps and steps[-1] >= 5:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    whole, whole_run = stage_runs["vae"].result()  # the same command, not interrupted
     assert whole.returncode == 0, whole.stderr
     assert process.returncode == -signal.SIGKILL
     state = torch.load(run / "checkpoint" / "last.pt", weights_only=True)  # complete, loadable
@@ -270,9 +272,9 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(data, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed {run / 'checkpoint' / 'last.pt'} at step {state['step']}" in resumed.stdout
     for name in ("autoencoder_v1.pt",):
-        a, b = _tensors(tmp_path / "whole" / "weights" / "models" / name), _tensors(run / "weights" / "models" / name)
+        a, b = _tensors(whole_run / "weights" / "models" / name), _tensors(run / "weights" / "models" / name)
         assert all(torch.equal(a[k], b[k]) for k in a)
-    final_a = torch.load(tmp_path / "whole" / "checkpoint" / "last.pt", weights_only=True)
+    final_a = torch.load(whole_run / "checkpoint" / "last.pt", weights_only=True)
     final_b = torch.load(run / "checkpoint" / "last.pt", weights_only=True)
     for key in final_a["modules"]["discriminator"]:
         assert torch.equal(final_a["modules"]["discriminator"][key], final_b["modules"]["discriminator"][key])
@@ -332,8 +334,8 @@ def test_resume_needs_a_checkpoint_and_a_run_is_never_overwritten(data, tmp_path
     assert "no checkpoint" in _bad(tmp_path, "vae", "--datalist", data["ct"], "--resume")
     run = tmp_path / "done"
     assert "at least 32 voxels" in _bad(tmp_path, "vae", "--datalist", data["ct"], "--patch-size", 16, 16, 16)
-    first = _maisi("train", "vae", "--datalist", data["ct"], "--out", run, "--width", "tiny", "--patch-size", 32, 32, 32,
-                   "--max-steps", 1, "--device", "cpu")
+    first = run_maisi_in_process("train", "vae", "--datalist", data["ct"], "--out", run, "--width", "tiny",
+                                 "--patch-size", 32, 32, 32, "--max-steps", 1, "--device", "cpu")
     assert first.returncode == 0, first.stderr
     again = run_maisi_in_process("train", "vae", "--datalist", data["ct"], "--out", run, "--width", "tiny",
                                  "--max-steps", 1, "--device", "cpu")

@@ -36,9 +36,9 @@ def _latent(shape, seed=1):
     "shape,mode,slabs",
     [
         # sizes not divisible by the split counts
-        pytest.param((17, 23, 29), "exact", (1, 3, 8), marks=pytest.mark.slow),
+        pytest.param((13, 15, 17), "exact", (1, 3, 8), marks=pytest.mark.slow),
         # the other axis order: the long axis is the split one
-        pytest.param((29, 17, 23), "exact", (2, 5), marks=pytest.mark.slow),
+        pytest.param((29, 9, 11), "exact", (2, 5), marks=pytest.mark.slow),
         ((5, 6, 7), "exact", (1, 2, 3, 4, 5, 6, 7, 8)),  # 20 output slices: 20 down to 3 slabs
         pytest.param((9, 7, 11), "bounded", (1, 4), marks=pytest.mark.slow),
         ((5, 6, 7), "bounded", (3, 8)),
