@@ -8,6 +8,11 @@ see its docstring and the README). Inside Slicer:
         [--model rflow-ct|ddpm-ct|demo|DIR] [--weights-dir DIR] [--seed N] [--steps N] [--device auto|cpu|cuda] \\
         [--fit-grid] [--allow-any-size]
 
+Many cases from a manifest (``maisi batch``: the same command and options, resumable):
+
+    Slicer --no-main-window --python-script Examples/maisi_generate_batch.py \
+        --manifest cases.jsonl --out trainset [--format nifti|monai|nnunet] [--label-set NAMES] [--workers N]
+
 Without Slicer, with a plain Python that has the ``slicer-core`` wheel and maisicore installed
 (from this repository), the same command line works with ``python Examples/maisi_generate_batch.py``.
 """

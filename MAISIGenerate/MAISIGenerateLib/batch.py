@@ -8,6 +8,12 @@ Installed with the extension, so Slicer users run it without this repository:
 (``run`` exits Slicer with the exit code). In a plain Python with the ``slicer-core`` wheel and
 maisicore, ``Examples/maisi_generate_batch.py`` takes the same options on its command line.
 
+Many cases: ``--manifest MANIFEST --out DIR [maisi batch options]`` runs ``maisi batch`` (the same
+command, ``maisicore.pipelines.batch``: resumable, ``DIR/status.jsonl``, nnU-Net/MONAI layouts):
+
+    Slicer --no-main-window --python-code "from MAISIGenerateLib.batch import run; run(['--manifest', \
+        'cases.jsonl', '--out', 'trainset', '--format', 'nnunet', '--label-set', 'liver,spleen'])"
+
 Segments are matched to MAISI labels by name and terminology (unresolved ones are reported and
 left out); the CT takes the reference volume's grid (else the segmentation's), and the label
 segmentation is written with MAISI names, colours and terminology. Exit code 0 on success; on an
@@ -54,7 +60,22 @@ def save(node, path: str) -> None:
         raise RuntimeError(f"cannot write {path}")
 
 
+def run_manifest(argv: list[str]) -> int:
+    """``--manifest MANIFEST`` and ``maisi batch``'s options: the ``maisi batch`` command itself."""
+    from maisicore.cli import main as maisi_main
+
+    rest = list(argv)
+    at = rest.index("--manifest")
+    if at + 1 >= len(rest):
+        raise ValueError("--manifest needs a file (JSON lines or CSV of requests)")
+    manifest = rest[at + 1]
+    del rest[at : at + 2]
+    return maisi_main(["batch", manifest, *rest])
+
+
 def main(argv: list[str]) -> int:
+    if "--manifest" in argv:
+        return run_manifest(argv)
     parser = argparse.ArgumentParser(prog="maisi_generate_batch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--segmentation", required=True, help="segmentation file (.seg.nrrd, or a labelmap)")
     parser.add_argument("--reference", help="reference volume: the grid of the result, and the body outline (CT)")
