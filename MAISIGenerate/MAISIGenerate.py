@@ -26,6 +26,7 @@ from MAISIGenerateLib.parameters import (
     DEFAULT_SIZE,
     DEFAULT_SPACING_MM,
     DEVICES,
+    MODALITIES,
     MODELS,
     MODES,
     TUMOR_TYPES,
@@ -70,7 +71,8 @@ class MAISIGenerate(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["SlicerMAISI developers"]
         self.parent.helpText = _(
-            "Generate synthetic CT volumes with NVIDIA's MAISI models (rflow-ct, ddpm-ct): from a segmentation, "
+            "Generate synthetic CT volumes with NVIDIA's MAISI models (rflow-ct, ddpm-ct), and MR volumes (rflow-mr, "
+            "rflow-mr-brain: image only, with a modality choice): from a segmentation, "
             "with random anatomy, or by inpainting a tumour into a CT. Each result is a new volume with a "
             "segmentation of the labels it was generated from. "
             '<a href="https://github.com/SlicerMAISI/SlicerMAISI">Documentation</a>.'
@@ -105,6 +107,7 @@ class MAISIGenerateParameterNode:
 
     mode: Annotated[str, Choice(list(MODES))] = "segmentation"
     model: Annotated[str, Choice(list(MODELS))] = "rflow-ct"
+    modality: Annotated[str, Choice(list(MODALITIES))] = "auto"  # auto: the model's default
     # From segmentation
     inputSegmentation: vtkMRMLSegmentationNode
     referenceVolume: vtkMRMLScalarVolumeNode
@@ -222,6 +225,9 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/MAISIGenerate.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
+        for combo, names in ((self.ui.modelComboBox, MODELS), (self.ui.modalityComboBox, MODALITIES)):
+            combo.clear()  # maisicore's names (the .ui lists the CT models only as a design-time preview)
+            combo.addItems(list(names))
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MAISIGenerateLogic()
         self.logic.label_progress = self.onLabelProgress
@@ -569,6 +575,7 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             steps=p.steps or None,
             device=p.device,
             allow_any_size=p.allowAnySize,
+            modality=None if p.modality == "auto" else p.modality,
         )
         if p.mode == "segmentation":
             source = FromSegmentation(p.inputSegmentation, p.referenceVolume, self._overrides(), p.addBody, p.fitGrid)

@@ -101,7 +101,7 @@ def test_missing_weight_files(tmp_path, maisi):
 
 def test_unknown_model(tmp_path, maisi):
     result = maisi("generate", "--model", "nothing-here", "--out", tmp_path / "ct.nii.gz")
-    _assert_one_line_error(result, "--model nothing-here: not a model name (rflow-ct, ddpm-ct) nor a weight folder")
+    _assert_one_line_error(result, "--model nothing-here: not a model name (rflow-ct, ddpm-ct, rflow-mr, rflow-mr-brain) nor a weight folder")
 
 
 def test_weights_of_the_other_model(tiny_weights, tmp_path, maisi):

@@ -12,6 +12,7 @@ from maisicore.models.networks import (
     build_controlnet,
     build_diffusion_unet,
     build_scheduler,
+    set_sdpa_attention,
 )
 from maisicore.models.presets import get_preset
 
@@ -85,6 +86,9 @@ def test_reference_built_weights_give_identical_outputs(official_networks):
     unet = build_diffusion_unet(preset)
     unet.load_state_dict(reference["diffusion_unet"].state_dict(), strict=True)
     reference["diffusion_unet"].eval()
+    # The config's use_flash_attention, refused by MONAI at construction without CUDA, switched on
+    # after construction: the same device-specific setting as ours (models/networks.py).
+    set_sdpa_attention(reference["diffusion_unet"])
     x = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(0))
     kwargs = dict(timesteps=torch.tensor([500.0]), spacing_tensor=torch.tensor([[150.0, 150.0, 200.0]]),
                   class_labels=torch.tensor([1]))

@@ -90,5 +90,5 @@ def test_decode_is_monai_decode(tiny_weights):
     with torch.no_grad():
         expected = torch.clip(model.autoencoder.decode_stage_2_outputs(z / 0.5), 0, 1)
     assert torch.equal(decode_latents(model.autoencoder, z, 0.5, "plain"), expected)
-    # The default, exact split decode, equals it up to float rounding.
+    # The default plan (the whole-volume decode when it fits, else the split decode) equals it up to float rounding.
     assert (decode_latents(model.autoencoder, z, 0.5) - expected).abs().max().item() <= 1e-4

@@ -248,7 +248,7 @@ def test_weights_status_and_download_command(monkeypatch, tmp_path):
     monkeypatch.setenv("MAISI_HOME", str(tmp_path))
     logic = GenerateLogic()
     rows = {row["model"]: row for row in logic.weights_status()}
-    assert set(rows) == {"rflow-ct", "ddpm-ct"}
+    assert set(rows) == {"rflow-ct", "ddpm-ct", "rflow-mr", "rflow-mr-brain"}
     for model, row in rows.items():
         assert row["installed"] is False and row["license_accepted"] is False
         assert row["license"] and row["license_url"].startswith("https://")
@@ -283,5 +283,5 @@ def test_weights_status_is_polled_not_waited_for(monkeypatch, tmp_path):
         assert time.monotonic() < deadline, job.log
         time.sleep(0.05)
     rows = {row["model"]: row for row in logic.weights_rows(job)}
-    assert set(rows) == {"rflow-ct", "ddpm-ct"} and rows["rflow-ct"]["path"] == str(tmp_path / "weights" / "rflow-ct")
+    assert set(rows) == {"rflow-ct", "ddpm-ct", "rflow-mr", "rflow-mr-brain"} and rows["rflow-ct"]["path"] == str(tmp_path / "weights" / "rflow-ct")
     assert not job.workdir.exists()

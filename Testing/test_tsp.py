@@ -114,8 +114,9 @@ def test_nothing_assumes_cuda(tiny_ae, monkeypatch):
     for name in ("is_available", "mem_get_info", "memory_allocated", "empty_cache", "synchronize"):
         monkeypatch.setattr(torch.cuda, name, no_cuda)
     z = _latent((7, 9, 5))
-    assert decode_exact(tiny_ae, z, memory_budget_bytes=8 * 2**30).shape == (1, 1, 28, 36, 20)
-    assert decode_exact(tiny_ae, z).shape == (1, 1, 28, 36, 20)
+    # The split engine (an explicit mode: the default plan takes MONAI's whole-volume decode when it fits).
+    assert decode_exact(tiny_ae, z, memory_budget_bytes=8 * 2**30, mode="exact").shape == (1, 1, 28, 36, 20)
+    assert decode_exact(tiny_ae, z, mode="exact").shape == (1, 1, 28, 36, 20)
     mu, _ = encode_exact(tiny_ae, torch.rand(1, 1, 16, 16, 16))
     assert mu.shape == (1, 4, 4, 4, 4)
     from maisicore.vae.decode import decode_latents
@@ -123,6 +124,7 @@ def test_nothing_assumes_cuda(tiny_ae, monkeypatch):
     monkeypatch.undo()  # MONAI's own MAISI decoder (used by the sliding window) asks torch.cuda; it runs on CPU
 
     assert decode_latents(tiny_ae, z, 1.0, "sliding-window", window=(4, 4, 4), overlap=0.5).shape == (1, 1, 28, 36, 20)
+    assert decode_exact(tiny_ae, z).shape == (1, 1, 28, 36, 20)  # the default plan: MONAI's whole-volume decode
 
 
 @pytest.mark.slow
@@ -170,7 +172,7 @@ def test_vae_encode_decode_cli_on_real_ct(tiny_weights, real_data, tmp_path, mai
     result = run_maisi("vae", "decode", "--weights", weights, "--latent", latent_path, "--memory-budget", 8,
                        "--device", "cpu", "--out", ct_path)
     assert result.returncode == 0, result.stderr
-    assert "exact split decode" in result.stderr
+    assert "whole-volume decode" in result.stderr  # it fits the 8 GB budget: the default plan takes it
     from maisicore.io.volumes import read_volume
 
     decoded = read_volume(ct_path)

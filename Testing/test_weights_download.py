@@ -250,7 +250,7 @@ def test_full_download_then_verify_path_and_list(server, home, published):
     listing = run_maisi_in_process("weights", "list", "--json")
     assert listing.returncode == 0, listing.stderr
     rows = {row["model"]: row for row in json.loads(listing.stdout)}
-    assert set(rows) == {"rflow-ct", "ddpm-ct"}
+    assert set(rows) == {"rflow-ct", "ddpm-ct", "rflow-mr", "rflow-mr-brain"}
     row = rows[MODEL]
     assert (row["installed"], row["path"], row["license_accepted"]) == (True, str(folder), True)
     assert row["size_bytes"] == sum(SIZES.values())

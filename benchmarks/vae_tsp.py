@@ -11,7 +11,11 @@ unsplit decode on the [0, 1] scale (outputs clipped as the pipeline does).
 
 Methods: monai (unsplit), monai-split4 (MONAI's TSP, num_splits=4, dim_split=1 as published),
 sliding-window (reference SlidingWindowInferer on latent windows, gaussian blending),
-ours-exact, ours-bounded, ours-auto (planner's choice for --memory-budget).
+ours-exact, ours-bounded, ours-auto (the default plan for --memory-budget: MONAI's whole-volume decode
+when it fits, else the split plan that fits).
+
+    python benchmarks/vae_tsp.py --model demo --latent 59 42 48 --methods monai,ours-auto --runs 3
+    python benchmarks/vae_tsp.py --latent 32 32 32 --methods monai,ours-auto --memory-budget 2.5 --runs 3
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import sys
 import tempfile
 import time
 
-METHODS = ("monai", "monai-split4", "sliding-window", "ours-exact", "ours-bounded")
+METHODS = ("monai", "monai-split4", "sliding-window", "ours-exact", "ours-bounded", "ours-auto")
 
 
 def _worker(args) -> None:
@@ -38,8 +42,12 @@ def _worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    preset = get_preset("rflow-ct", "official")
-    autoencoder = build_autoencoder(preset, "cpu")
+    if args.model == "demo":  # the bundled trained tiny-width model
+        from maisicore.models.weights import demo_weights_dir, load_model
+
+        autoencoder = load_model(get_preset("rflow-ct", "tiny"), demo_weights_dir(), "cpu").autoencoder
+    else:
+        autoencoder = build_autoencoder(get_preset("rflow-ct", "official"), "cpu")
     if args.method == "monai-split4":
         for module in autoencoder.modules():
             if hasattr(module, "num_splits"):
@@ -73,6 +81,8 @@ def _worker(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--latent", nargs=3, type=int, default=[32, 32, 32])
+    parser.add_argument("--model", choices=("official", "demo"), default="official",
+                        help="official width with random weights, or the bundled demo autoencoder")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--memory-budget", type=float, help="GiB, for ours-*")
@@ -99,7 +109,7 @@ def main() -> None:
             for run in range(args.runs if method in methods else 1):
                 save = os.path.join(tmp, f"{method}.npy")
                 command = [sys.executable, __file__, "--worker", "1", "--method", method, "--save", save,
-                           "--latent", *map(str, args.latent), "--threads", str(args.threads),
+                           "--latent", *map(str, args.latent), "--threads", str(args.threads), "--model", args.model,
                            "--window", *map(str, args.window), "--overlap", str(args.overlap)]
                 if args.memory_budget:
                     command += ["--memory-budget", str(args.memory_budget)]
@@ -107,7 +117,7 @@ def main() -> None:
                 if done.returncode != 0:
                     print(done.stdout + done.stderr, file=sys.stderr)
                     raise SystemExit(f"{method} failed")
-                plan = [line for line in done.stdout.splitlines() if "split decode" in line]
+                plan = [line for line in done.stdout.splitlines() if "decode:" in line or "decode (" in line]
                 runs.append(json.loads(done.stdout.strip().splitlines()[-1]) | {"plan": plan[0] if plan else ""})
                 print(f"{method} run {run + 1}: {runs[-1]['seconds']:.1f} s, peak RSS {runs[-1]['peak_rss'] / 1e9:.2f} GB",
                       file=sys.stderr, flush=True)
@@ -119,7 +129,7 @@ def main() -> None:
             results[method] = (runs, delta, mean_delta)
 
     size = "×".join(str(4 * n) for n in args.latent)
-    print(f"\nVAE decode, official width, latent {'×'.join(map(str, args.latent))} → image {size}, "
+    print(f"\nVAE decode, {args.model} width, latent {'×'.join(map(str, args.latent))} → image {size}, "
           f"{args.threads} threads, {args.runs} runs each (min / median)")
     print(f"{'method':<15} {'peak RSS GB':>16} {'wall s':>16} {'max |Δ|':>10} {'mean |Δ|':>10}  plan")
     base = results.get("monai")

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import __version__
 from .errors import Cancelled, InputError
-from .models.presets import BODY_REGIONS, MODEL_NAMES, WIDTHS
+from .models.presets import BODY_REGIONS, CT_MODEL_NAMES, MODEL_NAMES, WIDTHS
 
 MAX_PATCH_SIDE = 768  # voxels: the largest side of a published output grid
 
@@ -37,7 +37,9 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="maisi",
-        description="MAISI synthetic CT generation: NVIDIA's MAISI models (rflow-ct, ddpm-ct) on CPU or GPU.",
+        description=("MAISI synthetic CT and MR generation: NVIDIA's MAISI models (rflow-ct, ddpm-ct: CT image "
+                     "from a mask, paired CT + mask, CT image only; rflow-mr, rflow-mr-brain: MR image only) "
+                     "on CPU or GPU."),
     )
     parser.add_argument("--version", action="version", version=f"maisi {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -46,14 +48,29 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="generate a synthetic CT, optionally matching a label mask",
         description=(
-            "Generate a synthetic CT (int16 HU). With --mask the ControlNet follows a MAISI label volume "
+            "Generate a synthetic CT (int16 HU) or, with rflow-mr / rflow-mr-brain, an MR image (float32, image "
+            "only, --modality). Modes (the reference's names): image from mask (--mask), paired image + mask "
+            "(--anatomy: a mask from the candidate database), image only (neither); classifier-free guidance with "
+            "--guidance-scale. Not built yet: mask generation with controllable anatomy sizes. "
+            "With --mask the ControlNet follows a MAISI label volume "
             "and the CT takes the mask's grid (shape, spacing, direction, origin); voxels where the mask is 0 "
             "are set to -1000 HU. Without a mask the diffusion model runs alone on a grid centred on the origin."
         ),
     )
-    gen.add_argument("--model", default="rflow-ct", metavar="rflow-ct|ddpm-ct|demo|DIR",
-                     help="model name (demo: the small model shipped with maisicore, for trying things out on CPU), "
-                          "or a weight folder with a maisi_model.json card (default: rflow-ct)")
+    gen.add_argument("--model", default="rflow-ct", metavar="|".join((*MODEL_NAMES, "demo", "DIR")),
+                     help="model name: rflow-ct and ddpm-ct (CT: from a mask, paired with a mask, or image only), "
+                          "rflow-mr and rflow-mr-brain (MR image only: no mask; NVIDIA's names), demo (the small "
+                          "model shipped with maisicore, for trying things out on CPU), or a weight folder with a "
+                          "maisi_model.json card (default: rflow-ct)")
+    gen.add_argument("--modality", metavar="NAME",
+                     help="modality code by its reference name (modality_mapping.json): ct for the CT models; "
+                          "for rflow-mr mri, mri_t1, mri_t2, mri_flair; for rflow-mr-brain mri_t1, mri_t2, mri_flair, "
+                          "mri_swi, mri_mra and their *_skull_stripped forms (default: ct, MR models mri_t1)")
+    gen.add_argument("--guidance-scale", type=float, metavar="S",
+                     help="classifier-free guidance scale as the reference computes it (0: none; default the "
+                          "reference config's: CT 0, rflow-mr 15, rflow-mr-brain 2). Image only: guidance on the "
+                          "modality; with a mask: on the tumours (unconditional = the mask without tumours). "
+                          "Doubles the denoising work")
     gen.add_argument("--weights-dir", metavar="DIR",
                      help="folder of the model's weight files (reference layout, models/*.pt); "
                           "default: $MAISI_HOME/weights/MODEL")
@@ -91,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="random seed; same seed, same output (default 0)")
     gen.add_argument("--steps", type=_positive_int,
                      help="denoising steps (default: rflow-ct 30, ddpm-ct 1000)")
+    gen.add_argument("--sampler", default="euler", choices=("euler", "heun", "ab2"),
+                     help="rectified-flow solver: euler (reference, default), heun (2 evaluations per step) or "
+                          "ab2 (second order, 1 evaluation per step); e.g. --sampler ab2 --steps 15")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     gen.add_argument("--decode", default="exact", choices=("exact", "sliding-window", "plain"),
                      help="VAE decode: exact tensor splitting in bounded memory (default), the reference's "
@@ -318,8 +338,100 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("request", metavar="REQUEST.json", help="the request (JSON); - reads standard input")
     run.set_defaults(handler=_cmd_run)
 
+    _add_batch_command(commands)
     _add_training_commands(commands)
+    _add_evaluate_command(commands)
     return parser
+
+
+def _add_evaluate_command(commands) -> None:
+    """``maisi evaluate`` (metrics and a report) and ``maisi evaluate compare A B``."""
+    from .evaluation.run import METRICS
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="measure how real, faithful and diverse synthetic CTs are (FID, FRD, VAE, organ HU, MS-SSIM); "
+             "`evaluate compare A B` compares two reports",
+        description=(
+            "Compute the chosen metrics for real and synthetic CTs (a folder: CTs with NAME_labels beside them; or a "
+            "datalist) and write REPORT_DIR/report.md, metrics.json and PNG plots. `maisi evaluate compare A B` prints "
+            "how report B differs from report A."
+        ),
+    )
+    evaluate.add_argument("compare", nargs="*", metavar="compare A B", help="compare two report folders instead")
+    evaluate.add_argument("--real", metavar="DIR|DATALIST", help="real CTs (labels optional)")
+    evaluate.add_argument("--synthetic", metavar="DIR|DATALIST", help="synthetic CTs (labels for fidelity)")
+    evaluate.add_argument("--out", metavar="REPORT_DIR", help="new or empty folder for the report (compare: a .md file)")
+    evaluate.add_argument("--metrics", metavar="LIST",
+                          help=f"comma-separated, from {','.join(METRICS)} (default vae,fidelity,diversity)")
+    evaluate.add_argument("--vae-weights", metavar="AE.pt", help="vae: the autoencoder checkpoint")
+    evaluate.add_argument("--model", metavar="MODEL", help="vae: take the autoencoder of this model (demo, rflow-ct, DIR)")
+    evaluate.add_argument("--feature-weights", metavar="PT",
+                          help="fid-2.5d: RadImageNet ResNet-50 state dict (RadImageNet-ResNet50_notop.pth)")
+    evaluate.add_argument("--fid-size", type=_positive_int, nargs=3, default=(512, 512, 512), metavar=("X", "Y", "Z"),
+                          help="fid-2.5d: pad/crop to this many voxels (default 512 512 512, the reference's)")
+    evaluate.add_argument("--fid-spacing", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("X", "Y", "Z"),
+                          help="fid-2.5d: resample to this voxel size in mm (default 1 1 1)")
+    evaluate.add_argument("--fid-ratio", type=float, default=0.4, help="fid-2.5d: central fraction of slices (0.4)")
+    evaluate.add_argument("--fid-batch", type=_positive_int, default=8, help="fid-2.5d: slices per network call (8)")
+    evaluate.add_argument("--frd-full", action="store_true",
+                          help="frd: the package's full feature set (LoG and wavelet images too; about a minute per CT)")
+    evaluate.add_argument("--memory-budget", type=float, metavar="GB", help="vae: memory budget for the split VAE")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
+    evaluate.set_defaults(handler=_cmd_evaluate)
+
+
+def _add_batch_command(commands) -> None:
+    """``maisi batch MANIFEST --out DIR`` (``maisicore.pipelines.batch``)."""
+    batch = commands.add_parser(
+        "batch",
+        help="many cases from a manifest of requests: resumable, on local processes, torchrun or Ray",
+        description=(
+            "Run every request of MANIFEST (JSON lines, or CSV with a header: the fields of `maisi run` requests, "
+            "kind generate or inpaint, plus \"count\" copies and an \"id\") into DIR. Each case gets a stable id and "
+            "a seed derived from (line seed or --seed, line, copy), so the bytes do not depend on the workers. "
+            "DIR/status.jsonl records every item; running the same command again skips finished items, redoes "
+            "the rest and retries failed ones. Under `torchrun --nproc_per_node N -m maisicore batch ...` each rank "
+            "is one worker on its own device. DIR/summary.json and DIR/montage.png are written at the end."
+        ),
+    )
+    batch.add_argument("manifest", metavar="MANIFEST", help="requests, one JSON object per line (.jsonl) or CSV (.csv)")
+    batch.add_argument("--out", required=True, metavar="DIR", help="output folder (created; reused to resume)")
+    batch.add_argument("--format", default="nifti", choices=("nifti", "monai", "nnunet"),
+                       help="nifti: DIR/images, DIR/labels (default); monai: the same plus DIR/datalist.json; "
+                            "nnunet: nnU-Net v2 raw layout (imagesTr, labelsTr, dataset.json)")
+    batch.add_argument("--label-set", metavar="NAMES",
+                       help="comma-separated MAISI label names to keep, written as 1..n in this order (others 0); "
+                            "needed for --format nnunet; the mapping goes to DIR/label_map.json")
+    batch.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+                       help="local processes, or Ray actors with --backend ray, each loading the model once (default 1)")
+    batch.add_argument("--backend", default="local", choices=("local", "ray"),
+                       help="local processes (default) or Ray actors (pip install \"maisicore[ray]\")")
+    batch.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join (default: start a local Ray)")
+    batch.add_argument("--retries", type=int, default=0, metavar="N", help="attempts after a failure, per run (default 0)")
+    batch.add_argument("--qc", action="store_true",
+                       help="keep only cases passing the organ HU check (maisi qc), regenerating with the next seed")
+    batch.add_argument("--qc-retries", type=int, default=3, metavar="N", help="regenerations per case with --qc (default 3)")
+    batch.add_argument("--seed", type=int, default=0, help="base seed of lines without their own (default 0)")
+    batch.add_argument("--device", default="auto", help="auto, cpu, cuda (one GPU per worker) or cuda:N")
+    batch.add_argument("--montage", type=int, default=4, metavar="N", help="cases in DIR/montage.png (0: none; default 4)")
+    batch.add_argument("--threads", type=_positive_int, default=1, metavar="N",
+                       help="torch CPU threads per worker (default 1: on CPU, use --workers for speed; the bytes "
+                            "are identical across worker counts and backends for the same --threads)")
+    batch.set_defaults(handler=_cmd_batch)
+
+
+def _cmd_batch(args) -> int:
+    from .pipelines.batch import BatchOptions, run_batch
+    from .pipelines.runner import HumanReport
+
+    options = BatchOptions(format=args.format, label_set=args.label_set, workers=args.workers, backend=args.backend,
+                           ray_address=args.ray_address, retries=args.retries, qc=args.qc, qc_retries=args.qc_retries,
+                           device=args.device, seed=args.seed, montage=args.montage, threads=args.threads)
+    summary = run_batch(args.manifest, args.out, options, HumanReport())
+    if summary is not None:
+        print(f"{summary.line()}; summary in {Path(args.out) / 'summary.json'}")
+    return 0 if summary is None or not summary.failed else 1
 
 
 def _add_training_commands(commands) -> None:
@@ -380,7 +492,7 @@ def _add_training_commands(commands) -> None:
                        help="vae (images), diffusion (latents), controlnet (latents + labels)")
     train.add_argument("--datalist", required=True, metavar="DATALIST.json")
     train.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (created; must not hold a run unless --resume)")
-    train.add_argument("--model", default="rflow-ct", choices=MODEL_NAMES, help="architecture and objective (default rflow-ct)")
+    train.add_argument("--model", default="rflow-ct", choices=CT_MODEL_NAMES, help="architecture and objective (default rflow-ct)")
     train.add_argument("--width", default="official", choices=WIDTHS, help="official or tiny networks (default official)")
     train.add_argument("--config", metavar="CONFIG.json", help="training settings in the reference format; unknown keys are refused")
     train.add_argument("--init", metavar="WEIGHTS_DIR",
@@ -455,6 +567,8 @@ def _generate_request(args):
         on_mask_grid=True if args.on_mask_grid else None, seed=args.seed, steps=args.steps,
         qc_retries=args.qc_retries, device=args.device, decode=args.decode, memory_budget_gb=args.memory_budget,
         allow_any_size=args.allow_any_size, dry_run=args.dry_run, format=args.format,
+        modality=args.modality, guidance_scale=args.guidance_scale,
+        sampler=args.sampler,
     )
 
 
@@ -673,6 +787,48 @@ def _cmd_inpaint(args) -> int:
     return 0
 
 
+def _cmd_evaluate(args) -> int:
+    from .evaluation import compare, evaluate
+    from .evaluation.run import parse_metrics
+
+    if args.compare:
+        if len(args.compare) != 3 or args.compare[0] != "compare":
+            raise InputError("usage: maisi evaluate compare REPORT_A REPORT_B [--out FILE.md]")
+        text, _ = compare(args.compare[1], args.compare[2])
+        if args.out:
+            from .io.volumes import atomic_write, check_output_folder
+
+            _distinct({"--out": args.out}, {"A": args.compare[1], "B": args.compare[2]})
+            check_output_folder(args.out, "--out")
+            atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
+        print(text, end="")
+        return 0
+    if not args.out:
+        raise InputError("--out REPORT_DIR is required (see `maisi evaluate --help`)")
+    metrics = parse_metrics(args.metrics)
+    for value, option in ((args.fid_spacing, "--fid-spacing"),):
+        for v in value:
+            _check_finite_positive(v, option)
+    if not 0 < args.fid_ratio <= 1:
+        raise InputError(f"--fid-ratio {args.fid_ratio:g}: must be in (0, 1]")
+    vae_weights = args.vae_weights
+    if args.model and "vae" in metrics:
+        if vae_weights:
+            raise InputError("give --vae-weights or --model, not both")
+        from .models.weights import check_weight_files, resolve_model
+
+        preset, folder = resolve_model(args.model, None)
+        vae_weights = check_weight_files(preset, folder)["autoencoder"]
+    result = evaluate(args.real, args.synthetic, args.out, metrics, vae_weights=vae_weights,
+                      feature_weights=args.feature_weights, fid_shape=tuple(args.fid_size),
+                      fid_spacing=tuple(args.fid_spacing), fid_ratio=args.fid_ratio, fid_batch=args.fid_batch,
+                      frd_full=args.frd_full, device=args.device, memory_budget_bytes=_budget_bytes(args.memory_budget), log=_say)
+    for name, value in result["summary"].items():
+        print(f"{name}: {value:.4g}")
+    print(f"wrote {args.out}/report.md, metrics.json and the plots")
+    return 0
+
+
 def _cmd_qc(args) -> int:
     import json
 
@@ -736,12 +892,12 @@ def _cmd_weights_list(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'model':<9} {'state':<14} {'size':>9}  {'licence':<42} folder")
+    print(f"{'model':<14} {'state':<14} {'size':>9}  {'licence':<55} folder")
     for row in rows:
         size = human_bytes(row["size_bytes"]) if row["installed"] else f"~{human_bytes(row['size_bytes'])}"
         licence = f"{row['license']} ({'accepted' if row['license_accepted'] else 'not accepted'})"
         state = "installed" if row["installed"] else "not installed"
-        print(f"{row['model']:<9} {state:<14} {size:>9}  {licence:<42} {row['path']}")
+        print(f"{row['model']:<14} {state:<14} {size:>9}  {licence:<55} {row['path']}")
     for licence in {(row["license"], row["license_url"], row["license_summary"]) for row in rows}:
         print(f"\n{licence[0]}: {licence[1]}\n{licence[2]}")
     return 0

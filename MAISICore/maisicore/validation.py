@@ -3,6 +3,8 @@ naming the argument, the value, the accepted range and the unit."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -22,6 +24,15 @@ def check_grid(size, spacing, rules: OutputGridRules, allow_any_size: bool, regi
         raise InputError("--size and --spacing take three values each: X Y Z")
     if any(s <= 0 for s in spacing):
         raise InputError(f"--spacing {_fmt(spacing)} mm: every spacing must be positive")
+    if rules.max_voxels is not None and not allow_any_size:  # free grids (MR models)
+        m = rules.any_size_multiple
+        if any(s <= 0 or s % m for s in size):
+            raise InputError(f"--size {_fmt(size)}: every size must be a positive multiple of {m} "
+                             "(the VAE divides by 4 and the diffusion UNet halves the latent 3 times)")
+        if math.prod(size) > rules.max_voxels:
+            raise InputError(f"--size {_fmt(size)}: {math.prod(size)} voxels, more than the {rules.max_voxels} "
+                             "the model was published for; ask for fewer voxels (or pass --allow-any-size)")
+        return notes
     if allow_any_size:
         m = rules.any_size_multiple
         if any(s <= 0 or s % m for s in size):

@@ -378,7 +378,8 @@ def _model_label(options: RunOptions) -> str:
 def _model_options(options: RunOptions) -> dict:
     """The request fields every mode shares."""
     return {"model": options.model, "weights_dir": options.weights_dir, "seed": int(options.seed),
-            "steps": int(options.steps) if options.steps else None, "device": options.device or "auto"}
+            "steps": int(options.steps) if options.steps else None, "device": options.device or "auto",
+            "modality": options.modality if options.modality not in (None, "", "auto") else None}
 
 
 def _unique_name(base: str) -> str:
@@ -528,7 +529,9 @@ class GenerateLogic:
             build = labels_from_segmentation(source.anatomy_segmentation, source.volume, source.overrides, True)
             write_volume(workdir / "anatomy.nrrd", build.labels)
             tumor["labels"] = str(workdir / "anatomy.nrrd")
-        request = InpaintRequest(image=str(image_file), tumor_type=source.tumor_type, **tumor, **_model_options(options),
+        shared = _model_options(options)
+        shared.pop("modality")  # inpainting is CT only: the request has no modality
+        request = InpaintRequest(image=str(image_file), tumor_type=source.tumor_type, **tumor, **shared,
                                  out=str(ct_file), label_out=str(labels_file))
         name = f"{source.volume.GetName()} + {source.tumor_type} (MAISI {_model_label(options)} seed {options.seed})"
         reference = source.volume

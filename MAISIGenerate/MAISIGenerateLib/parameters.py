@@ -8,14 +8,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from maisicore.anatomy.tumors import TUMOR_TYPES
-from maisicore.models.presets import BODY_REGIONS, DEFAULT_SIZE, DEFAULT_SPACING_MM, DEMO_MODEL, MODEL_NAMES
+from maisicore.models.presets import (
+    BODY_REGIONS,
+    DEFAULT_SIZE,
+    DEFAULT_SPACING_MM,
+    DEMO_MODEL,
+    MODEL_MODALITIES,
+    MODEL_NAMES,
+)
 
-__all__ = ["MODES", "DEVICES", "MODELS", "TUMOR_TYPES", "BODY_REGIONS", "DEFAULT_SIZE", "DEFAULT_SPACING_MM",
-           "RunOptions", "FromSegmentation", "RandomAnatomy", "InpaintTumor"]
+__all__ = ["MODES", "DEVICES", "MODELS", "MODALITIES", "TUMOR_TYPES", "BODY_REGIONS", "DEFAULT_SIZE",
+           "DEFAULT_SPACING_MM", "RunOptions", "FromSegmentation", "RandomAnatomy", "InpaintTumor"]
 
 MODES = ("segmentation", "random", "inpaint")
 DEVICES = ("auto", "cpu", "cuda")
 MODELS = (*MODEL_NAMES, DEMO_MODEL)  # the named models; a weight folder is the other choice
+# "auto" (the model's default modality), then every modality name some model takes, in model order.
+MODALITIES = ("auto", *dict.fromkeys(m for model in MODEL_NAMES for m in MODEL_MODALITIES[model]))
 
 
 @dataclass
@@ -27,6 +36,8 @@ class RunOptions:
     steps: denoising steps (None: the model's default, its preset's ``scheduler.default_steps``).
     device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
     allow_any_size: accept sizes that are multiples of 32 and any spacing (tiny models, tests).
+    modality: a name of ``MODALITIES`` the model takes (``mri_t1`` ... for the MR models); None or
+        ``auto``: the model's default.
     """
 
     model: str = "rflow-ct"
@@ -35,6 +46,7 @@ class RunOptions:
     steps: int | None = None
     device: str = "auto"
     allow_any_size: bool = False
+    modality: str | None = None
 
 
 @dataclass

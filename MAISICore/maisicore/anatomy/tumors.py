@@ -69,3 +69,42 @@ def ball_roi_size(diameter_mm: float, spacing_mm: Sequence[float]) -> tuple[int,
         int(min(MAX_ROI_VOXELS, GRID_MULTIPLE * math.ceil(ball_roi_side(float(diameter_mm), float(s)) / GRID_MULTIPLE)))
         for s in spacing_mm
     )
+
+
+# Classifier-free guidance with a mask (reference ``remove_tumors``): the unconditional ControlNet
+# input is the mask without tumours. Tumour id → the organ id that replaces it.
+TUMOR_TO_ORGAN_IDS = {26: 1, 24: 4, 27: 62, 116: 14, 117: 5}  # hepatic, pancreatic, colon, kidney cyst ×2
+LUNG_TUMOR_ID = 23
+LUNG_LOBE_IDS = (28, 29, 30, 31, 32)
+
+
+def tumor_free_labels(labels):
+    """``labels`` (int array, (x, y, z)) with every tumour replaced by its organ, as the reference's
+    ``remove_tumors`` without pseudo labels: hepatic/pancreatic/colon tumours and kidney cysts take
+    their organ's id; lung tumour voxels take the most frequent lung-lobe id among the voxels next to
+    them (3×3×3 neighbourhood; as in the reference, whose dilation pads with 1, the voxels on the
+    volume's faces count as neighbours too), else the most frequent lobe id of the whole volume.
+    Returns a new int64 array."""
+    import numpy as np
+    from scipy import ndimage
+
+    labels = np.asarray(labels)
+    out = labels.astype(np.int64, copy=True)
+    for tumor, organ in TUMOR_TO_ORGAN_IDS.items():
+        out[labels == tumor] = organ
+    tumor = out == LUNG_TUMOR_ID
+    lobes = np.array(LUNG_LOBE_IDS, dtype=np.int64)
+    near = ndimage.binary_dilation(tumor, structure=np.ones((3, 3, 3), bool))
+    for axis in range(near.ndim):  # the reference pads its dilation with 1: every face voxel is "near"
+        index = [slice(None)] * near.ndim
+        for end in (0, -1):
+            index[axis] = end
+            near[tuple(index)] = True
+    ring = near & ~tumor & np.isin(out, lobes)
+    if ring.any():
+        values, counts = np.unique(out[ring], return_counts=True)
+        fill = int(values[np.argmax(counts)])  # the smallest id among equally frequent ones
+    else:
+        fill = int(lobes[np.argmax([(out == lobe).sum() for lobe in lobes])])
+    out[tumor] = fill
+    return out

@@ -43,9 +43,7 @@ def sample(
     for step in schedule.steps:
         if cancel is not None and cancel():
             raise Cancelled("cancelled by the user")
-        t = torch.Tensor((step.t,)).to(x.device)
-        model_output = denoise_fn(x, t)
-        x = schedule.step(model_output, step, x, generator)
+        x = schedule.advance(denoise_fn, step, x, generator)  # the schedule's sampler (default: MONAI's Euler step)
         if after_step is not None:
             x = after_step(x, step)
         if callback is not None:
@@ -69,17 +67,22 @@ class SamplingStart:
 
 
 def start_sampling(
-    preset: ModelPreset, device: torch.device, latent_shape: Sequence[int], steps: int, seed: int
+    preset: ModelPreset, device: torch.device, latent_shape: Sequence[int], steps: int, seed: int,
+    sampler: str = "euler",
 ) -> SamplingStart:
     """The one sampler set-up of generation and inpainting, deterministic for ``seed``.
 
     Noise is drawn on the CPU from ``seed`` and rounded to float16 as the reference does; on CUDA it
     stays float16 (the reference's dtype under autocast), on CPU it is float32 (CPU runs in float32).
     DDPM's per-step noise comes from the same CPU generator on CPU, from a CUDA generator seeded
-    ``seed + 1`` on CUDA.
+    ``seed + 1`` on CUDA. Presets with ``noise_half_rounded=False`` (the MR models, whose only
+    reference path, ``diff_model_infer``, draws float32 noise) keep the float32 draw on every device.
     """
     generator = torch.Generator("cpu").manual_seed(int(seed))
-    noise = initial_noise(latent_shape, generator)
-    noise = noise.to(device) if device.type == "cuda" else noise.float()
+    if not preset.noise_half_rounded:
+        noise = torch.randn((1, *latent_shape), generator=generator).to(device)
+    else:
+        noise = initial_noise(latent_shape, generator)
+        noise = noise.to(device) if device.type == "cuda" else noise.float()
     step_generator = generator if device.type == "cpu" else torch.Generator(device).manual_seed(int(seed) + 1)
-    return SamplingStart(noise, Schedule(preset, steps, tuple(latent_shape[1:])), step_generator)
+    return SamplingStart(noise, Schedule(preset, steps, tuple(latent_shape[1:]), sampler), step_generator)

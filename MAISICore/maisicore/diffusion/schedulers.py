@@ -14,6 +14,19 @@ import torch
 from ..models.networks import build_scheduler
 from ..models.presets import ModelPreset
 
+SAMPLERS = ("euler", "heun", "ab2")  # rectified flow; DDPM: euler (MONAI's step) only
+
+
+def check_sampler(sampler: str, kind: str = "rflow") -> str:
+    """``sampler`` if valid for a ``kind`` scheduler, else a one-line ``InputError``."""
+    from ..errors import InputError
+
+    if sampler not in SAMPLERS:
+        raise InputError(f"--sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    if kind != "rflow" and sampler != "euler":
+        raise InputError(f"--sampler {sampler}: only for rectified-flow models (rflow-ct); DDPM models use MONAI's step")
+    return sampler
+
 
 @dataclass(frozen=True)
 class Step:
@@ -32,11 +45,15 @@ class Schedule:
         num_steps: number of denoising steps (rflow-ct: 30; ddpm-ct: 1000 as trained); None for a
             training schedule (``training_timesteps``, ``training_target``, ``noised``).
         latent_spatial_shape: (X, Y, Z) of the latent, voxels; RFlow shifts its timesteps by it.
+        sampler: how ``advance`` integrates rectified flow over these timesteps (``SAMPLERS``);
+            ``euler`` is MONAI's ``RFlowScheduler.step`` (the reference), the only one for DDPM.
     """
 
     def __init__(self, preset: ModelPreset, num_steps: int | None = None,
-                 latent_spatial_shape: tuple[int, int, int] | None = None):
+                 latent_spatial_shape: tuple[int, int, int] | None = None, sampler: str = "euler"):
         self.kind = preset.scheduler.kind
+        self.sampler = check_sampler(sampler, self.kind)
+        self._previous: tuple[torch.Tensor, float] | None = None  # ab2: (velocity, step length) of the last step
         self.scheduler = build_scheduler(preset)
         self.steps: list[Step] = []
         if num_steps is None:
@@ -76,6 +93,44 @@ class Schedule:
 
     def __len__(self) -> int:
         return len(self.steps)
+
+    def evaluations(self) -> int:
+        """Network evaluations a sampling run makes (``heun``: two per step but the last; ``ab2``: one
+        per step plus one for its Heun start)."""
+        n = len(self.steps)
+        if self.sampler == "heun" and n:
+            return 2 * n - 1
+        return n + 1 if self.sampler == "ab2" and n > 1 else n
+
+    def advance(self, denoise_fn, step: Step, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """The latent after ``step``, calling ``denoise_fn(x, t)`` (``t`` a (1,) float tensor, scheduler
+        units) as the sampler needs.
+
+        - ``euler``: one evaluation, then MONAI's step (bit-identical to the reference). MONAI's
+          ``RFlowScheduler.step`` truncates the next timestep to an integer, so its step length is
+          ``(t − ⌊t_next⌋) / T``.
+        - ``heun`` (second order, trapezoidal): velocity at (x, t), Euler predictor to ``t_next``,
+          velocity there, step with their mean; the last step (to t = 0) is plain Euler. Step
+          length ``(t − t_next) / T`` in float, T = ``num_train_timesteps``.
+        - ``ab2`` (second-order Adams–Bashforth on the non-uniform timesteps, one evaluation per
+          step, like DPM-Solver++(2M) for a velocity model): ``x + h·((1 + r/2)·v_n − r/2·v_{n−1})``,
+          ``r = h / h_prev``; the first step, the longest, is a Heun step (so N steps cost N + 1
+          evaluations; an Euler start gave 6× the error on the ODE of Testing/test_samplers.py).
+        """
+        t = torch.Tensor((step.t,)).to(x.device)
+        velocity = denoise_fn(x, t)
+        if self.sampler == "euler":
+            return self.step(velocity, step, x, generator)
+        h = (float(step.t) - float(step.next_t)) / self.scheduler.num_train_timesteps
+        previous, self._previous = self._previous if step.index > 0 else None, (velocity, h)
+        if self.sampler == "heun" or previous is None:
+            predicted = x + velocity * h
+            if float(step.next_t) <= 0:
+                return predicted
+            velocity_next = denoise_fn(predicted, torch.Tensor((step.next_t,)).to(x.device))
+            return x + (velocity + velocity_next) * (h / 2)
+        ratio = h / previous[1]
+        return x + (velocity * (1 + ratio / 2) - previous[0] * (ratio / 2)) * h
 
     def step(
         self, model_output: torch.Tensor, step: Step, x: torch.Tensor, generator: torch.Generator | None

@@ -2,7 +2,8 @@
 through ``huggingface_hub``.
 
 What lives here:
-- ``OFFICIAL_MODELS``: per model, the three checkpoints (names from ``maisicore.models.presets``) in the
+- ``OFFICIAL_MODELS``: per model, its checkpoints (names from ``maisicore.models.presets``; the MR models'
+  in their own repos, under their own licences, see ``_MR_REPOS``) in the
   Hugging Face repo ``nvidia/NV-Generate-CT`` (revision ``main``), approximate sizes, the licence,
   and the optional candidate-mask database (``--include-datasets``).
 - Licence acceptance, remembered per model in ``$MAISI_HOME/licenses_accepted.json``.
@@ -91,6 +92,7 @@ class RemoteFile:
     approx_bytes: int | None = None
     unpack: bool = False
     approx_unpacked_bytes: int | None = None
+    repo: str | None = None  # the Hugging Face repo holding it when not the model's (rflow-mr-brain's VAE)
 
     @property
     def name(self) -> str:
@@ -133,7 +135,35 @@ _MASK_ARCHIVE = RemoteFile(
 _MASK_INDEX = {name: f"{DATASETS_SUBDIR}/{index}" for name, index in CANDIDATE_MASK_INDEX.items()}
 
 
+NVIDIA_NONCOMMERCIAL_LICENSE = License(
+    name="NVIDIA One-Way Noncommercial License",
+    url="https://developer.download.nvidia.com/licenses/NVIDIA-OneWay-Noncommercial-License-22Mar2022.pdf",
+    summary=(
+        "NVIDIA publishes the rflow-mr weights (nvidia/NV-Generate-MR on Hugging Face) under its One-Way "
+        "Noncommercial License: NON-COMMERCIAL USE ONLY (research or evaluation). You may use, reproduce and "
+        "distribute the work and derivatives under the same licence with its notices kept; commercial use is "
+        "not allowed (except by NVIDIA). This is a different licence from the CT weights' and is accepted on "
+        "its own. Read the full text before accepting."
+    ),
+)
+
+# The MR models (reference scripts/download_model_data.py): their own Hugging Face repos, no
+# datasets; rflow-mr-brain takes the CT VAE from NV-Generate-CT.
+_MR_REPOS = {"rflow-mr": ("nvidia/NV-Generate-MR", NVIDIA_NONCOMMERCIAL_LICENSE),
+             "rflow-mr-brain": ("nvidia/NV-Generate-MR-Brain", NVIDIA_OPEN_MODEL_LICENSE)}
+_MR_FILES_ELSEWHERE = {("rflow-mr-brain", "autoencoder"): HF_REPO}
+
+
+def _official_mr_model(name: str) -> OfficialModel:
+    repo, license = _MR_REPOS[name]
+    files = {role: RemoteFile(f"{MODELS_SUBDIR}/{file}", _APPROX_BYTES.get(file), repo=_MR_FILES_ELSEWHERE.get((name, role)))
+             for role, file in get_preset(name).weight_files.as_dict().items()}
+    return OfficialModel(name=name, files=files, datasets=(), license=license, repo=repo)
+
+
 def _official_model(name: str) -> OfficialModel:
+    if name in _MR_REPOS:
+        return _official_mr_model(name)
     names = get_preset(name).weight_files.as_dict()
     files = {role: RemoteFile(f"{MODELS_SUBDIR}/{file}", _APPROX_BYTES.get(file)) for role, file in names.items()}
     datasets = (_ANATOMY_SIZES, RemoteFile(_MASK_INDEX[name]), _MASK_ARCHIVE)
@@ -180,7 +210,7 @@ def file_url(base_url: str, model: OfficialModel, remote: RemoteFile) -> str:
     """URL of ``remote`` on the server: ``{base_url}/{repo}/resolve/{revision}/{path}``."""
     from huggingface_hub import hf_hub_url
 
-    return hf_hub_url(model.repo, remote.repo_path, revision=model.revision, endpoint=base_url)
+    return hf_hub_url(remote.repo or model.repo, remote.repo_path, revision=model.revision, endpoint=base_url)
 
 
 # ---- licence acceptance -------------------------------------------------------------------------
@@ -483,7 +513,7 @@ def _fetch_all(name: str, model: OfficialModel, base_url: str, transfers: list[T
         for transfer in transfers:
             log(f"downloading {transfer.remote.repo_path} ({human_bytes(transfer.size)}) from {transfer.url}")
             try:
-                hf_hub_download(model.repo, transfer.remote.repo_path, revision=model.revision,
+                hf_hub_download(transfer.remote.repo or model.repo, transfer.remote.repo_path, revision=model.revision,
                                 local_dir=transfer.root, endpoint=base_url)
             except KeyboardInterrupt:
                 log(f"{transfer.remote.name}: download stopped; {again}")

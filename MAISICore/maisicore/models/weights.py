@@ -28,7 +28,7 @@ import torch
 
 from ..errors import InputError
 from ..io.volumes import atomic_write
-from .networks import build_autoencoder, build_controlnet, build_diffusion_unet
+from .networks import build_autoencoder, build_controlnet, build_diffusion_unet, configure_for_device
 from .presets import DEMO_MODEL, MODEL_NAMES, WIDTHS, ModelPreset, get_preset
 
 MODEL_CARD = "maisi_model.json"
@@ -212,14 +212,20 @@ class LoadedModel:
     preset: ModelPreset
     autoencoder: torch.nn.Module
     diffusion_unet: torch.nn.Module
-    controlnet: torch.nn.Module
+    controlnet: torch.nn.Module | None  # None for image-only models (MR)
     scale_factor: float
     device: torch.device
     weights_dir: Path
 
 
-def load_model(preset: ModelPreset, weights_dir: str | os.PathLike, device: torch.device | str = "cpu") -> LoadedModel:
-    """Build the preset's networks and load the weight set in ``weights_dir`` into them."""
+def load_model(preset: ModelPreset, weights_dir: str | os.PathLike, device: torch.device | str = "cpu",
+               attention: str = "sdpa", move: bool = True) -> LoadedModel:
+    """Build the preset's networks and load the weight set in ``weights_dir`` into them.
+
+    The networks are built and loaded on the CPU, then configured for ``device`` (flash/SDPA
+    attention, the VAE's float16 norm on CUDA: ``networks.configure_for_device``) and moved there.
+    ``attention``: ``sdpa`` (default, every device) or ``monai`` (MONAI's N × N attention).
+    ``move=False`` leaves the configured networks on the CPU (``LoadedModel.device`` is still ``device``)."""
     weights_dir = Path(weights_dir)
     paths = check_weight_files(preset, weights_dir)
     device = torch.device(device)
@@ -240,22 +246,27 @@ def load_model(preset: ModelPreset, weights_dir: str | os.PathLike, device: torc
     scale_factor = float(torch.as_tensor(scale_factor).float().reshape(-1)[0])
 
     # Reference: the ControlNet starts from the UNet's weights, then its own checkpoint is applied.
-    controlnet = build_controlnet(preset, "cpu")
-    shared = start_controlnet_from_unet(controlnet, diffusion_unet)
-    cn_path = paths["controlnet"]
-    load_state(
-        controlnet,
-        state_dict_from(load_checkpoint(cn_path), "controlnet_state_dict", cn_path, preset),
-        cn_path,
-        preset,
-        allow_missing=frozenset(shared),
-        allow_extra=allowed_extra_keys(weights_dir, "controlnet"),
-    )
+    controlnet = None  # image-only models (MR) have none
+    if not preset.image_only:
+        controlnet = build_controlnet(preset, "cpu")
+        shared = start_controlnet_from_unet(controlnet, diffusion_unet)
+        cn_path = paths["controlnet"]
+        load_state(
+            controlnet,
+            state_dict_from(load_checkpoint(cn_path), "controlnet_state_dict", cn_path, preset),
+            cn_path,
+            preset,
+            allow_missing=frozenset(shared),
+            allow_extra=allowed_extra_keys(weights_dir, "controlnet"),
+        )
+        configure_for_device(controlnet, preset.controlnet, device, attention)
+    configure_for_device(autoencoder, preset.autoencoder, device)
+    configure_for_device(diffusion_unet, preset.diffusion_unet, device, attention)
     return LoadedModel(
         preset=preset,
-        autoencoder=autoencoder.to(device),
-        diffusion_unet=diffusion_unet.to(device),
-        controlnet=controlnet.to(device),
+        autoencoder=autoencoder.to(device) if move else autoencoder,
+        diffusion_unet=diffusion_unet.to(device) if move else diffusion_unet,
+        controlnet=controlnet.to(device) if move and controlnet is not None else controlnet,
         scale_factor=scale_factor,
         device=device,
         weights_dir=weights_dir,
@@ -341,20 +352,23 @@ def init_weights(
     torch.manual_seed(seed)
     autoencoder = build_autoencoder(preset, "cpu")
     diffusion_unet = build_diffusion_unet(preset, "cpu")
-    controlnet = build_controlnet(preset, "cpu")
-    start_controlnet_from_unet(controlnet, diffusion_unet)
+    controlnet = None if preset.image_only else build_controlnet(preset, "cpu")
+    if controlnet is not None:
+        start_controlnet_from_unet(controlnet, diffusion_unet)
     if nonzero:
         generator = torch.Generator().manual_seed(seed + 1)
         fill_zero_initialised(diffusion_unet, generator)
-        fill_zero_initialised(controlnet, generator)
+        if controlnet is not None:
+            fill_zero_initialised(controlnet, generator)
     unet_state = diffusion_unet.state_dict()
 
     files = preset.weight_files
     contents = {
         "autoencoder": (files.autoencoder, autoencoder.state_dict()),
         "diffusion_unet": (files.diffusion_unet, {"unet_state_dict": unet_state, "scale_factor": torch.tensor(1.0)}),
-        "controlnet": (files.controlnet, {"controlnet_state_dict": controlnet.state_dict()}),
     }
+    if controlnet is not None:
+        contents["controlnet"] = (files.controlnet, {"controlnet_state_dict": controlnet.state_dict()})
     written = {}
     for role, (name, obj) in contents.items():
         written[role] = save_checkpoint(out_dir / MODELS_SUBDIR / name, obj)

@@ -10,10 +10,12 @@ The model (bytes; V = latent voxels, I = image voxels = 64 V):
 - denoising: ``activations`` = ``DENOISE_BYTES_PER_LATENT_VOXEL × V`` (UNet + ControlNet forward at
   no_grad: skip connections, ControlNet residuals, and the ControlNet's condition embedding at image
   resolution, which dominates; measured, see below) +
-  ``attention`` = 2 × heads × N² × 4 per attention level without flash attention (N = tokens at that
-  level; MONAI's attention holds the N × N score matrix and its softmax) + ``condition`` = the
+  ``attention`` = 2 × heads × N² × 4 for the largest attention level, only with MONAI's own attention
+  (N = tokens at that level; it holds the N × N score matrix and its softmax); 0 with the default
+  ``scaled_dot_product_attention`` on CPU and CUDA + ``condition`` = the
   ControlNet's 8 bit planes (float32, 32 B per image voxel) + the mask (int64, 8 B per image voxel);
-- decoding: the exact split decode's own planned peak (``maisicore.vae.tsp.make_plan``) + the image
+- decoding: the decode's own planned peak (``maisicore.vae.tsp.make_plan``: MONAI's whole-volume
+  decode when it fits, else a split plan) + the image
   arrays (float32 decode, HU, int16 CT, the mask: 18 B per image voxel) + mapping back onto the
   mask's grid when fitted.
 Peak = baseline + weights + the largest of the three phases. On CUDA the device memory is estimated
@@ -94,10 +96,14 @@ def default_budget_bytes(device_type: str) -> int:
     return max(_resident_bytes() + available - SAFETY_MARGIN_BYTES, 0)
 
 
-def attention_bytes(preset, latent_shape, device_type: str) -> int:
-    """Transient bytes of the largest attention layer: MONAI's attention without flash holds the
-    heads × N × N score matrix and its softmax (float32 on CPU); flash attention (CUDA) does not."""
-    if device_type == "cuda" and preset.diffusion_unet.get("use_flash_attention"):
+def attention_bytes(preset, latent_shape, device_type: str, attention: str = "sdpa") -> int:
+    """Transient bytes of the largest attention layer: MONAI's own attention (``attention="monai"``)
+    holds the heads × N × N score matrix and its softmax (float32 on CPU); the default
+    ``scaled_dot_product_attention`` path (``models.networks``, CPU and CUDA) works in blocks and
+    holds no N × N matrix (its workspace is within the activations' constants)."""
+    from ..models.networks import device_settings
+
+    if device_settings(preset.diffusion_unet, device_type, attention)["sdpa"]:
         return 0
     unet = preset.diffusion_unet
     voxels = int(np.prod(latent_shape))
@@ -121,7 +127,7 @@ def _weights_bytes(preset, weights_dir: Path) -> tuple[int, int]:
     for role, name in preset.weight_files.as_dict().items():
         path = weight_file(Path(weights_dir), name)
         sizes[role] = path.stat().st_size if path.is_file() else 0
-    return sum(sizes.values()), sizes["diffusion_unet"] + sizes["controlnet"]
+    return sum(sizes.values()), sizes["diffusion_unet"] + sizes.get("controlnet", 0)
 
 
 def _decode_estimate(preset, latent_shape, budget_bytes: int | None) -> tuple[int, str]:
@@ -139,7 +145,7 @@ def _decode_estimate(preset, latent_shape, budget_bytes: int | None) -> tuple[in
         plan = make_plan(output, None, mode="bounded", slab=1)
         return int(plan.estimated_bytes), plan.describe()
     try:
-        plan = make_plan(output, budget_bytes)
+        plan = make_plan(output, budget_bytes, whole=True)
     except MemoryError as exc:
         raise InputError(str(exc)) from exc
     return int(plan.estimated_bytes), plan.describe()
@@ -163,6 +169,8 @@ def estimate_generation_memory(prepared, device_type: str = "cpu", budget_bytes:
     activations = DENOISE_FIXED_BYTES + DENOISE_BYTES_PER_LATENT_VOXEL * latent_voxels * act_bytes // 4
     attention = attention_bytes(preset, latent, device_type)
     condition = CONDITION_BYTES_PER_VOXEL * image_voxels if plan.labels is not None else 0
+    if getattr(plan, "guidance_scale", 0) > 0:  # classifier-free guidance: a batch of two (and two conditions)
+        activations, attention, condition = 2 * activations, 2 * attention, 2 * condition
     denoise = activations + attention + condition
     arrays = IMAGE_BYTES_PER_VOXEL * image_voxels
     if prepared.original_grid is not None and request.maps_back:

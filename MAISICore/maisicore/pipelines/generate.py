@@ -25,9 +25,11 @@ from ..anatomy.grids import Grid, generation_grid, grid_around, image_on_grid, l
 from ..anatomy.labels import (
     BACKGROUND,
     body_region_from_mask,
+    label_dict,
 )
 from ..diffusion.conditioning import controlnet_condition, unet_inputs
 from ..diffusion.sampling import sample, start_sampling
+from ..diffusion.schedulers import check_sampler
 from ..errors import Cancelled, InputError
 from ..io.geometry import (
     Reorientation,
@@ -40,9 +42,8 @@ from ..models.presets import (
     BODY_REGIONS,
     CT_MODALITY,
     DEFAULT_BODY_REGION,
-    DEFAULT_SIZE,
-    DEFAULT_SPACING_MM,
     ModelPreset,
+    modality_code,
 )
 from ..models.weights import LoadedModel
 from ..vae.decode import autocast_for, decode_latents, unit_to_hu
@@ -66,6 +67,12 @@ class GenerationPlan:
     output_affine: np.ndarray  # index → RAS of the returned array
     reorientation: Reorientation | None  # how to put the model-frame array back on the mask grid
     notes: list[str] = field(default_factory=list)  # warnings to show the user
+    modality_code: int = CT_MODALITY  # the UNet's class label (modality_mapping.json)
+    guidance_scale: float = 0.0  # classifier-free guidance; 0: none (the unguided loop, unchanged)
+    # The unconditional ControlNet labels of guidance with a mask: the mask with tumours replaced
+    # by their organs (reference remove_tumors), int64 (x, y, z) in the model frame.
+    uncond_labels: np.ndarray | None = None
+    sampler: str = "euler"  # rectified-flow solver (maisicore.diffusion.schedulers.SAMPLERS)
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -80,6 +87,8 @@ def plan_generation(
     body_region: Sequence[str] | None = None,
     steps: int | None = None,
     allow_any_size: bool = False,
+    modality: str | None = None,
+    guidance_scale: float | None = None,
 ) -> GenerationPlan:
     """Check a request against the preset's rules and resolve defaults; raises ``InputError``.
 
@@ -90,9 +99,16 @@ def plan_generation(
         body_region: one or more of head, chest, abdomen, lower (top first); ddpm-ct only.
         steps: denoising steps; default the model's (rflow-ct 30, ddpm-ct 1000).
         allow_any_size: accept any size that is a multiple of 32 and any positive spacing.
+        modality: a ``MODALITY_CODES`` name the model takes (``mri_t1`` …); default the model's.
+        guidance_scale: classifier-free guidance (0: none); default the model's reference value.
     """
     notes: list[str] = []
     notes += check_body_regions(body_region, preset)
+    code = modality_code(preset, modality)
+    if mask is not None and preset.image_only:
+        raise InputError(f"{preset.name} is an image-only model (NVIDIA published no MR ControlNet): it cannot "
+                         "follow a mask; leave out --mask/--anatomy, or use rflow-ct or ddpm-ct")
+    guidance = float(preset.default_guidance_scale if guidance_scale is None else guidance_scale)
     reorientation = None
     labels = None
     if mask is not None:
@@ -114,8 +130,8 @@ def plan_generation(
             raise InputError("mask: every voxel is background (0); a mask needs at least one label")
         output_affine = mask.affine.copy()
     else:
-        size = tuple(int(s) for s in (size or DEFAULT_SIZE))
-        spacing = tuple(float(s) for s in (spacing or DEFAULT_SPACING_MM))
+        size = tuple(int(s) for s in (size or preset.default_size))
+        spacing = tuple(float(s) for s in (spacing or preset.default_spacing))
         output_affine = None
     size = tuple(int(s) for s in size)
     spacing = tuple(float(s) for s in spacing)
@@ -139,13 +155,24 @@ def plan_generation(
             notes.append(f"no --body-region or mask: {preset.name} conditioned on {DEFAULT_BODY_REGION[0]} (reference default)")
     steps = int(steps if steps is not None else preset.scheduler.default_steps)
     notes += check_steps(steps, preset)
-    return GenerationPlan(size, spacing, steps, labels, region, output_affine, reorientation, notes)
+    uncond = None
+    if guidance > 0:
+        if labels is not None:
+            from ..anatomy.tumors import tumor_free_labels
+
+            uncond = tumor_free_labels(labels)
+        elif not preset.uses_modality:
+            notes.append(f"--guidance-scale: {preset.name} takes no modality label, so without a mask guidance "
+                         "changes nothing (it only doubles the work)")
+    return GenerationPlan(size, spacing, steps, labels, region, output_affine, reorientation, notes,
+                          modality_code=code, guidance_scale=guidance, uncond_labels=uncond)
 
 
 def plan_conditions(preset: ModelPreset, plan: GenerationPlan, device: torch.device, dtype: torch.dtype):
     """The UNet's keyword inputs and the ControlNet condition (or None without a mask) for a plan
     (``maisicore.diffusion.conditioning``, as in training)."""
-    unet_kwargs = unet_inputs(preset, [plan.spacing], [CT_MODALITY], [plan.body_region] if plan.body_region else None,
+    unet_kwargs = unet_inputs(preset, [plan.spacing], [plan.modality_code],
+                              [plan.body_region] if plan.body_region else None,
                               device=device, dtype=dtype, half_rounded=True)
     condition = None
     if plan.labels is not None:
@@ -158,6 +185,15 @@ def make_denoise_fn(model: LoadedModel, plan: GenerationPlan):
     dtype = torch.float16 if model.device.type == "cuda" else torch.float32
     unet_kwargs, condition = plan_conditions(model.preset, plan, model.device, dtype)
     class_labels = unet_kwargs.get("class_labels")
+    if plan.guidance_scale > 0:
+        from ..diffusion.conditioning import guided_denoise_fn
+
+        uncond = None
+        if plan.uncond_labels is not None:
+            uncond = controlnet_condition(torch.from_numpy(plan.uncond_labels)[None, None], model.preset,
+                                          model.device, dtype)
+        return guided_denoise_fn(model.diffusion_unet, model.controlnet, unet_kwargs, condition, uncond,
+                                 plan.guidance_scale)
 
     def denoise_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         residuals = {}
@@ -178,7 +214,7 @@ def generate_latents(
     cancel: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
     """Denoised latent (1, 4, X/4, Y/4, Z/4) for ``plan``, deterministic for a given ``seed`` and device."""
-    sampling = start_sampling(model.preset, model.device, plan.latent_shape, plan.steps, seed)
+    sampling = start_sampling(model.preset, model.device, plan.latent_shape, plan.steps, seed, plan.sampler)
     callback = (lambda done, total: progress("denoise", done, total)) if progress else None
     with autocast_for(model.device):
         return sample(make_denoise_fn(model, plan), sampling.noise, sampling.schedule, sampling.step_generator,
@@ -193,7 +229,18 @@ def latents_to_ct(
     memory_budget_bytes: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Volume:
-    """Decode, map to HU, set background to −1000 and return an int16 volume on the output grid."""
+    """Decode, map to HU, set background to −1000 and return an int16 volume on the output grid.
+    MR models (``preset.intensity == "mr"``): the reference's MR intensities instead, float32
+    (``maisicore.vae.decode.unit_to_mr``: 0-1000 and above, no upper clip), no mask."""
+    if model.preset.intensity == "mr":
+        from ..vae.decode import unit_to_mr
+
+        image01 = decode_latents(model.autoencoder, latents, model.scale_factor, decode, memory_budget_bytes, log=log,
+                                 clip_max=None)
+        mr = unit_to_mr(image01[0, 0].numpy()).astype(np.float32)
+        if plan.reorientation is not None:
+            mr = undo_reorientation(mr, plan.reorientation)
+        return Volume(mr, plan.output_affine.copy())
     image01 = decode_latents(model.autoencoder, latents, model.scale_factor, decode, memory_budget_bytes, log=log)
     image01 = image01[0, 0].numpy()
     hu = unit_to_hu(image01)
@@ -340,8 +387,12 @@ def prepare_generation(
     check_weight_files(preset, weights_dir)
     card_grid = (read_model_card(weights_dir) or {}).get("grid")
     any_size = request.allow_any_size or card_grid is not None
-    default_size = tuple(card_grid["size"]) if card_grid else DEFAULT_SIZE
-    default_spacing = tuple(card_grid["spacing"]) if card_grid else DEFAULT_SPACING_MM
+    default_size = tuple(card_grid["size"]) if card_grid else preset.default_size
+    default_spacing = tuple(card_grid["spacing"]) if card_grid else preset.default_spacing
+    if preset.image_only and (mask is not None or request.mask or request.anatomy):
+        raise InputError(f"{preset.name} is an image-only model (NVIDIA published no MR ControlNet): it cannot "
+                         "follow a mask; leave out --mask/--anatomy, or use rflow-ct or ddpm-ct")
+    modality_code(preset, request.modality)  # an MR modality for a CT model (or the reverse) → InputError
     notes: list[str] = []
     size, spacing = request.size, request.spacing
     original_grid = None
@@ -354,6 +405,10 @@ def prepare_generation(
         size = spacing = None
     elif mask is not None:
         check_mask_values(mask.array)
+        if not np.any(mask.array == label_dict()["body"]):
+            notes.append("the mask has no body label (200), which NVIDIA's models were trained with (images are "
+                         "worse without it); make the mask with `maisi labels convert` from the segmentation "
+                         "(it adds the body envelope from --ct CT, or else from the labels)")
         problem = _grid_problem(mask, preset, any_size, request.body_region)
         resize = size is not None or spacing is not None
         if request.fit == "never" and problem:
@@ -372,10 +427,12 @@ def prepare_generation(
             size = spacing = None
     elif size is None and spacing is None:
         size, spacing = default_size, default_spacing
-    plan = plan_generation(preset, size, spacing, mask, request.body_region, request.steps, any_size)
+    plan = plan_generation(preset, size, spacing, mask, request.body_region, request.steps, any_size,
+                           request.modality, request.guidance_scale)
     if card_grid is not None and not request.allow_any_size:  # the model card allows its own grids
         plan.notes = [n for n in plan.notes if not n.startswith("--allow-any-size")]
     plan.notes = notes + plan.notes
+    plan.sampler = check_sampler(request.sampler, preset.scheduler.kind)
     return PreparedGeneration(request, preset, weights_dir, plan, mask, original_grid, plan.notes)
 
 

@@ -303,6 +303,8 @@ def prepare_inpaint(request: InpaintRequest, image: Volume | None = None) -> Pre
         check_output_path(request.label_out, "--label-out")
     tumor_id(request.tumor_type)
     preset, weights_dir = resolve_model(request.model, request.weights_dir)
+    if preset.image_only:
+        raise InputError(f"{preset.name} is an image-only MR model (no ControlNet): inpainting needs rflow-ct or ddpm-ct")
     check_weight_files(preset, weights_dir)
     ct = image if image is not None else read_volume(request.image, modality="CT")
     from ..io.geometry import onto_grid_of  # same voxels in another axis order (DICOM vs NIfTI) are fine

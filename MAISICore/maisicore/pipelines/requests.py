@@ -59,6 +59,12 @@ def _check_positive(value, name: str, unit: str = "") -> None:
         raise InputError(f"{name} {value!r}: must be a positive number{unit}")
 
 
+def _check_sampler(sampler) -> None:
+    from ..diffusion.schedulers import check_sampler
+
+    check_sampler(str(sampler))
+
+
 def _check_steps(steps) -> None:
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise InputError(f"steps {steps!r}: must be a positive integer")
@@ -141,6 +147,7 @@ class GenerateRequest(_Request):
     on_mask_grid: bool | None = None  # None: True for fit=auto, False for fit=always
     seed: int = 0
     steps: int | None = None
+    sampler: str = "euler"  # rectified flow: euler (reference), heun or ab2 (second order; diffusion.schedulers)
     qc_retries: int = 0
     device: str = "auto"
     decode: str = "exact"
@@ -148,10 +155,16 @@ class GenerateRequest(_Request):
     allow_any_size: bool = False
     dry_run: bool = False  # check everything, estimate the peak memory, run no network
     format: str | None = None  # nifti, nrrd (by --out's extension when None) or dicom (--out is a new folder)
+    modality: str | None = None  # modality_mapping.json name (ct, mri_t1, ...); None: the model's default
+    guidance_scale: float | None = None  # classifier-free guidance; None: the model's reference default
 
     def check(self, has_mask_volume: bool = False) -> None:
         """Refuse contradictory or out-of-range options with one line (nothing is read)."""
         has_mask = bool(self.mask) or has_mask_volume
+        if self.guidance_scale is not None:
+            g = self.guidance_scale
+            if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
+                raise InputError(f"--guidance-scale {g!r}: must be a finite number, 0 or more (0: no guidance)")
         if self.anatomy is not None and not [a for a in self.anatomy if str(a).strip()]:
             raise InputError("--anatomy: give at least one MAISI anatomy name")
         if self.anatomy and has_mask:
@@ -172,6 +185,7 @@ class GenerateRequest(_Request):
                 raise InputError(f"--body-region {bad[0] if bad else ''!r}: choose from {', '.join(BODY_REGIONS)}")
         _check_seed(self.seed, "--seed")
         _check_steps(self.steps)
+        _check_sampler(self.sampler)
         if isinstance(self.qc_retries, bool) or not isinstance(self.qc_retries, int) or self.qc_retries < 0:
             raise InputError(f"--qc-retries {self.qc_retries!r}: must be 0 or more")
         if self.qc_retries and not (has_mask or self.anatomy):

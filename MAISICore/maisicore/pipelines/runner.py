@@ -143,7 +143,8 @@ def run_generate(request: GenerateRequest, report: Report, cancel: Callable[[], 
                          details={"shape": list(ct.shape), "spacing": [float(s) for s in ct.spacing],
                                   "model": prepared.preset.key, "steps": plan.steps})
     what = ", ".join(files.values()) or "nothing (no --out)"
-    message = (f"wrote {what} (CT int16 HU, {_fmt(ct.shape, 'd')} voxels, {_fmt(ct.spacing, '.4g')} mm; "
+    kind = "MR float32 intensities" if prepared.preset.intensity == "mr" else "CT int16 HU"
+    message = (f"wrote {what} ({kind}, {_fmt(ct.shape, 'd')} voxels, {_fmt(ct.spacing, '.4g')} mm; "
                f"seed {result.seed_used})")
     report.result(summary, message)
     return summary

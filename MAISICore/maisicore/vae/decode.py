@@ -41,8 +41,10 @@ def decode_latents(
     window: Sequence[int] = SLIDING_WINDOW,
     overlap: float = SLIDING_OVERLAP,
     log: Callable[[str], None] | None = None,
+    clip_max: float | None = 1.0,
 ) -> torch.Tensor:
-    """Decode ``latents`` (1, 4, X/4, Y/4, Z/4) to an image (1, 1, X, Y, Z), float32 on CPU, clipped to [0, 1].
+    """Decode ``latents`` (1, 4, X/4, Y/4, Z/4) to an image (1, 1, X, Y, Z), float32 on CPU, clipped to
+    [0, ``clip_max``] (None: only below, as the reference does for MR).
 
     The latents are divided by ``scale_factor`` first (diffusion works on scaled latents).
     """
@@ -67,12 +69,17 @@ def decode_latents(
     else:
         with autocast_for(latents.device):
             image = autoencoder.decode_stage_2_outputs(z)
-    return torch.clip(image.float(), 0.0, 1.0).cpu()
+    return torch.clip(image.float(), 0.0, clip_max).cpu()
 
 
 def unit_to_hu(image01):
     """[0, 1] VAE scale → HU: 0 ↦ −1000, 1 ↦ 1000."""
     return image01 * 2000.0 - 1000.0
+
+
+def unit_to_mr(image01):
+    """VAE scale → MR intensity as the reference writes MR images: 0 ↦ 0, 1 ↦ 1000, not clipped above."""
+    return image01 * 1000.0
 
 
 def hu_to_unit(hu):

@@ -342,12 +342,20 @@ class SplitPlan:
     budget_bytes: int | None
     convolution_passes: float  # convolution work relative to running each convolution once
 
+    whole_bytes: int | None = None  # the whole-volume decode's estimate when it was considered
+
     def describe(self) -> str:
         budget = f" within a {self.budget_bytes / 2**30:.2f} GiB budget" if self.budget_bytes else ""
+        if self.mode == "whole":
+            return (f"whole-volume decode (MONAI's decode, exact, fastest): estimated peak "
+                    f"{self.estimated_bytes / 2**30:.2f} GiB for activations{budget}")
+        why = ""
+        if self.whole_bytes is not None:
+            why = f" (the whole-volume decode would need about {self.whole_bytes / 2**30:.2f} GiB)"
         return (
             f"{self.mode} split decode: slabs of {self.slab} slices, {len(self.sweeps)} sweeps, "
             f"estimated peak {self.estimated_bytes / 2**30:.2f} GiB for activations{budget}, "
-            f"{self.convolution_passes:.2f}× the convolution work"
+            f"{self.convolution_passes:.2f}× the convolution work{why}"
         )
 
 
@@ -533,12 +541,32 @@ def available_bytes(device: torch.device) -> int:
     return max(free - MARGIN_BYTES, 0)
 
 
-def make_plan(output: Node, budget_bytes: int | None, mode: str = "auto", slab: int | None = None) -> SplitPlan:
-    """Choose mode and slab thickness: the least recomputation whose estimate fits the budget."""
+# MONAI's whole-volume decode holds each block's input and output, the GroupNorm's float32 copy and
+# SiLU output, and the upsampling's output at once. Its peak above the baseline (benchmarks/vae_tsp.py:
+# peak RSS − RSS before decoding) over the largest float32 activation of the graph (at official
+# width the 128-channel upsampled tensor at full resolution): 3.5× (official, latent 32³), 3.95× (24³),
+# 3.5× (40³), 3.95× (demo model, 59×42×48). Planned with 4×.
+WHOLE_VOLUME_FACTOR = 4.0
+
+
+def whole_volume_bytes(output: Node) -> int:
+    """Estimated peak bytes (above what the process holds) of MONAI's unsplit decode of the graph
+    ending at ``output``: ``WHOLE_VOLUME_FACTOR`` × its largest float32 activation."""
+    return int(WHOLE_VOLUME_FACTOR * max(n.length * n.slice_bytes() for n in _walk(output)))
+
+
+def make_plan(output: Node, budget_bytes: int | None, mode: str = "auto", slab: int | None = None,
+              whole: bool = False) -> SplitPlan:
+    """Choose the plan: with ``whole`` (decodes only) and mode ``auto``, MONAI's whole-volume decode
+    when its estimate fits ``budget_bytes`` (exact and the fastest); else the split plan with the
+    least recomputation, then the thickest slabs, whose estimate fits."""
     order = _walk(output)
     lengths = sorted({n.length for n in order if isinstance(n, Conv)})
     if mode not in ("auto", "exact", "bounded"):
         raise ValueError(f"unknown split mode {mode!r}: choose auto, exact or bounded")
+    whole_bytes = whole_volume_bytes(output) if whole and mode == "auto" and not slab else None
+    if whole_bytes is not None and budget_bytes is not None and whole_bytes <= budget_bytes:
+        return SplitPlan("whole", output.length, [], set(), whole_bytes, budget_bytes, 1.0, whole_bytes)
     exact = [("exact", None)]
     partial = [("partial", cut) for cut in reversed(lengths[1:-1])]  # store the lower levels only
     bounded = [("bounded", lengths[0])]  # store the latent level only: memory follows the slab
@@ -550,7 +578,7 @@ def make_plan(output: Node, budget_bytes: int | None, mode: str = "auto", slab: 
         sweeps = _schedule(output, stored)
         for thickness in slabs:
             peak, work = _estimate(output, sweeps, stored, thickness)
-            plan = SplitPlan(name, thickness, sweeps, stored, peak, budget_bytes, work)
+            plan = SplitPlan(name, thickness, sweeps, stored, peak, budget_bytes, work, whole_bytes)
             if best is None or peak < best.estimated_bytes:
                 best = plan
             if budget_bytes is None or peak <= budget_bytes:
@@ -687,12 +715,19 @@ class Engine:
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
-def _run(output: Node, device: torch.device, memory_budget_bytes, mode, slab, log, callback, what) -> torch.Tensor:
-    """Plan and run a graph; the output node's tensor on the host."""
+def _run(output: Node, device: torch.device, memory_budget_bytes, mode, slab, log, callback, what,
+         whole=None) -> torch.Tensor:
+    """Plan and run a graph; the output node's tensor on the host. ``whole``: a function running the
+    unsplit network (offered to the planner; decodes only)."""
     storage = torch.device("cpu")  # stored activations live in host memory; slabs run on ``device``
-    plan = make_plan(output, activation_budget(device, memory_budget_bytes), mode, slab)
+    plan = make_plan(output, activation_budget(device, memory_budget_bytes), mode, slab, whole=whole is not None)
     if log is not None:
         log(plan.describe().replace("decode", what))
+    if plan.mode == "whole":
+        out = whole()
+        if callback is not None:
+            callback(output.length, output.length)
+        return out.float().cpu()
     out = torch.empty((1, output.channels, output.length, *output.plane), dtype=torch.float32, device=storage)
     return Engine(device, storage).run(output, plan, out, callback)
 
@@ -714,7 +749,8 @@ def decode_exact(
     Args:
         memory_budget_bytes: the most memory the process may hold while decoding (CPU: resident
             memory; CUDA: device memory); default: what it holds plus free memory minus a margin.
-        mode: ``auto`` (least recomputation that fits), ``exact`` or ``bounded``.
+        mode: ``auto`` (MONAI's whole-volume decode when it fits, else the split plan with the least
+            recomputation that fits), ``exact`` or ``bounded`` (split plans only).
         slab: output slices per slab (default chosen by the planner).
         device: compute device (default: the latents'); stored activations stay in host memory.
         callback: ``callback(done, total)`` slices swept; log: receives the plan as one line.
@@ -723,7 +759,14 @@ def decode_exact(
         raise ValueError(f"latents must be (1, C, X, Y, Z), got {tuple(latents.shape)}")
     device = torch.device(device or latents.device)
     _, output = decoder_graph(autoencoder, latents.detach().to("cpu", torch.float32))
-    return _run(output, device, memory_budget_bytes, mode, slab, log, callback, "decode")
+
+    def whole() -> torch.Tensor:
+        from .decode import autocast_for
+
+        with autocast_for(device):  # float16 on CUDA as the reference (the norm may output float16)
+            return autoencoder.decode(latents.detach().to(device, torch.float32))
+
+    return _run(output, device, memory_budget_bytes, mode, slab, log, callback, "decode", whole)
 
 
 @torch.no_grad()
