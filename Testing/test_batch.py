@@ -208,6 +208,9 @@ def test_manifest_errors(manifest, tmp_path, maisi):
         bad.write_text(line + "\n")
         result = maisi("batch", bad, "--out", tmp_path / "out")
         assert result.returncode == 2 and expected in result.stderr and "line 1" in result.stderr, result.stderr
+    bad.write_text(json.dumps({"model": "demo", "size": [4096, 4096, 4096], "steps": 1}) + "\n")  # refused by size
+    result = maisi("batch", bad, "--out", tmp_path / "out", "--device", "cpu")
+    assert result.returncode == 2 and "item item0000-000: 4096×4096×4096 voxels need an estimated" in result.stderr
     result = maisi("batch", manifest, "--out", tmp_path / "out", "--format", "nnunet")
     assert result.returncode == 2 and "--label-set" in result.stderr
     result = maisi("batch", manifest, "--out", tmp_path / "out", "--label-set", "liver,not an organ")

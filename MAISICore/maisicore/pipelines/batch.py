@@ -350,9 +350,12 @@ class BatchWorker:
             request.qc_retries = self.config.qc_retries
         prepare_started = time.perf_counter()
         if request.kind == "generate":  # read and check the inputs before any network
+            from ..validation import resolve_device
+            from .admission import check_admission
             from .generate import prepare_generation
 
             prepared = prepare_generation(request)
+            check_admission(prepared, resolve_device(request.device).type)  # this worker's device
         else:
             from .inpaint import prepare_inpaint
 
@@ -593,7 +596,28 @@ def prepare_batch(manifest: str | os.PathLike, out_dir: str | os.PathLike, optio
     for item in items[:1] + items[-1:]:
         paths = {"image": str(layout.image(item.id)), "label": str(layout.label(item.id))}
         check_distinct(paths, {**item.build("cpu").input_paths(), "MANIFEST": str(manifest_path)})
+    _check_memory(items, options.device)
     return items, layout
+
+
+def _check_memory(items: list[BatchItem], device: str) -> None:
+    """Refuse, before any work, a generate line whose estimated peak memory does not fit (as
+    `maisi generate` does); copies of a line differ only by seed, so each line is checked once.
+    A line whose inputs cannot be read is left to its worker, which records it as failed."""
+    from ..validation import resolve_device
+    from .admission import check_admission
+    from .generate import prepare_generation
+
+    device_type = resolve_device(device).type
+    for item in {i.index: i for i in items if i.request["kind"] == "generate"}.values():
+        try:
+            prepared = prepare_generation(item.build(device))
+        except InputError:
+            continue
+        try:
+            check_admission(prepared, device_type)
+        except InputError as exc:
+            raise InputError(f"item {item.id}: {exc}") from exc
 
 
 def run_batch(manifest: str | os.PathLike, out_dir: str | os.PathLike, options: BatchOptions | None = None,
