@@ -15,7 +15,7 @@ import numpy as np
 
 from . import __version__
 from .errors import Cancelled, InputError
-from .models.presets import BODY_REGIONS, CT_MODEL_NAMES, MODEL_NAMES, WIDTHS
+from .models.presets import BODY_REGIONS, CT_MODEL_NAMES, MODEL_NAMES, SAMPLERS, WIDTHS
 
 MAX_PATCH_SIDE = 768  # voxels: the largest side of a published output grid
 
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="random seed; same seed, same output (default 0)")
     gen.add_argument("--steps", type=_positive_int,
                      help="denoising steps (default: rflow-ct 30, ddpm-ct 1000)")
-    gen.add_argument("--sampler", default="euler", choices=("euler", "heun", "ab2"),
+    gen.add_argument("--sampler", default="euler", choices=SAMPLERS,
                      help="rectified-flow solver: euler (reference, default), heun (2 evaluations per step) or "
                           "ab2 (second order, 1 evaluation per step); e.g. --sampler ab2 --steps 15")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")

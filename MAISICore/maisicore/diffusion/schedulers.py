@@ -12,20 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.networks import build_scheduler
-from ..models.presets import ModelPreset
-
-SAMPLERS = ("euler", "heun", "ab2")  # rectified flow; DDPM: euler (MONAI's step) only
-
-
-def check_sampler(sampler: str, kind: str = "rflow") -> str:
-    """``sampler`` if valid for a ``kind`` scheduler, else a one-line ``InputError``."""
-    from ..errors import InputError
-
-    if sampler not in SAMPLERS:
-        raise InputError(f"--sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
-    if kind != "rflow" and sampler != "euler":
-        raise InputError(f"--sampler {sampler}: only for rectified-flow models (rflow-ct); DDPM models use MONAI's step")
-    return sampler
+from ..models.presets import ModelPreset, check_sampler
 
 
 @dataclass(frozen=True)

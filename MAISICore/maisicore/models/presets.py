@@ -60,6 +60,19 @@ _TINY_UNET = {"num_channels": [8, 16, 24, 32], "num_head_channels": [0, 0, 8, 8]
 _TINY_CONTROLNET = dict(_TINY_UNET, conditioning_embedding_num_channels=[8, 8, 16])
 
 
+SAMPLERS = ("euler", "heun", "ab2")  # rectified flow; DDPM: euler (MONAI's step) only
+
+
+def check_sampler(sampler: str, kind: str = "rflow") -> str:
+    """``sampler`` if valid for a ``kind`` scheduler, else a one-line ``InputError``."""
+    from ..errors import InputError
+
+    if sampler not in SAMPLERS:
+        raise InputError(f"--sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    if kind != "rflow" and sampler != "euler":
+        raise InputError(f"--sampler {sampler}: only for rectified-flow models (rflow-ct); DDPM models use MONAI's step")
+    return sampler
+
 @dataclass(frozen=True)
 class SchedulerSpec:
     """Which MONAI noise scheduler the diffusion model was trained with, and its arguments."""

@@ -29,7 +29,6 @@ from ..anatomy.labels import (
 )
 from ..diffusion.conditioning import controlnet_condition, unet_inputs
 from ..diffusion.sampling import sample, start_sampling
-from ..diffusion.schedulers import check_sampler
 from ..errors import Cancelled, InputError
 from ..io.geometry import (
     Reorientation,
@@ -43,6 +42,7 @@ from ..models.presets import (
     CT_MODALITY,
     DEFAULT_BODY_REGION,
     ModelPreset,
+    check_sampler,
     modality_code,
 )
 from ..models.weights import LoadedModel

@@ -60,7 +60,7 @@ def _check_positive(value, name: str, unit: str = "") -> None:
 
 
 def _check_sampler(sampler) -> None:
-    from ..diffusion.schedulers import check_sampler
+    from ..models.presets import check_sampler  # torch-free rule
 
     check_sampler(str(sampler))
 
