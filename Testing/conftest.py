@@ -38,8 +38,18 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+# The files whose tests take longest, longest first: xdist hands files to workers in collection order
+# (``--no-loadscope-reorder`` in pyproject.toml), so the long ones start at once and the short ones fill
+# the gaps, instead of a long file starting last and running alone at the end.
+LONGEST_FIRST = ("test_training.py", "test_batch.py", "test_tsp.py", "test_generate.py", "test_slicer_generate.py",
+                 "test_slicer_train.py", "test_inpaint.py", "test_hostile_input.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """``network`` for every test that needs the real CT data; ``gpu`` tests skip without CUDA."""
+    """``network`` for every test that needs the real CT data; ``gpu`` tests skip without CUDA;
+    files ordered by ``LONGEST_FIRST`` (a stable sort: the tests within a file keep their order)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
     cuda = None
     for item in items:
         if "real_data" in getattr(item, "fixturenames", ()):

@@ -23,7 +23,7 @@ def _sha(path) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("weights", ["training_start_weights", "tiny_weights"])
-@pytest.mark.parametrize("model,extra", [("rflow-ct", []), ("ddpm-ct", ["--steps", 5])])
+@pytest.mark.parametrize("model,extra", [("rflow-ct", ["--steps", 10]), ("ddpm-ct", ["--steps", 5])])
 def test_generate_is_bit_identical_across_runs(request, tmp_path, model, extra, weights, maisi):
     folder = request.getfixturevalue(weights)[model]
     outs = []

@@ -229,8 +229,8 @@ def test_two_processes_equal_one_process_with_twice_the_batch(data, tmp_path, st
         common += ["--patch-size", 32, 32, 32]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                 "--master_port", str(_free_port()), "-m", "maisicore"]
-    with ThreadPoolExecutor(max_workers=1) as pool:  # the single process runs beside the two
-        single = pool.submit(_maisi, *common, "--batch-size", 2, "--out", tmp_path / "one")
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the single process (this one) runs beside the two
+        single = pool.submit(run_maisi_in_process, *common, "--batch-size", 2, "--out", tmp_path / "one")
         double = subprocess.run([*torchrun, *map(str, common), "--batch-size", "1", "--out", str(tmp_path / "two")],
                                 capture_output=True, text=True, timeout=600, env=_env())
         single = single.result()
