@@ -135,3 +135,66 @@ def _graph_nodes(output):
     from maisicore.vae.tsp import _walk
 
     return _walk(output)
+
+
+def test_devices_rule_without_a_gpu():
+    """``--devices``: a pure function of the text and the number of CUDA devices present."""
+    from maisicore.devices import parse_devices
+    from maisicore.errors import InputError
+
+    assert parse_devices("cpu,cpu", cuda_count=0) == ["cpu", "cpu"]
+    assert parse_devices("cuda:0, cuda:1", cuda_count=2) == ["cuda:0", "cuda:1"]
+    assert parse_devices(["cuda", "CUDA:1"], cuda_count=2) == ["cuda:0", "cuda:1"]
+    assert parse_devices("cuda:7") == ["cuda:7"]  # spelling only (a request's check(), torch-free)
+    refused = {
+        "tpu:0": "unknown device type 'tpu'",
+        "cpu,,cpu": "give one or more devices",
+        "cpu:1": "the CPU takes no index",
+        "cuda:x": "a CUDA index is a whole number",
+        "cpu,cuda:0": "give devices of one type",
+        "cuda:1": "cuda:1 is not available: 1 CUDA device(s) present (cuda:0 to cuda:0)",
+    }
+    for text, message in refused.items():
+        with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            parse_devices(text, cuda_count=1)
+    with pytest.raises(InputError, match="CUDA is not available on this machine"):
+        parse_devices("cuda:0,cuda:1", cuda_count=0)
+
+
+def test_bad_devices_exit_2_with_one_line(tmp_path, maisi):
+    out = tmp_path / "ct.nii.gz"
+    cases = [
+        (("--devices", "tpu:0"), "unknown device type 'tpu'"),
+        (("--devices", "cpu,cuda:0"), "give devices of one type"),
+        (("--devices", "cuda:99"), "cuda:99"),  # no CUDA here, or not 100 devices
+        (("--devices", ""), "give one or more devices"),
+        (("--devices", "cpu,cpu", "--decode", "plain"), "leave out --decode plain"),
+    ]
+    for extra, message in cases:
+        result = maisi("generate", "--model", "demo", "--steps", "1", "--out", out, *extra)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, (extra, result.stderr)
+        assert lines[0].startswith("maisi: error: --devices") and message in lines[0], lines
+        assert not out.exists() and not list(tmp_path.iterdir())
+    result = maisi("vae", "decode", "--weights", tmp_path / "ae.pt", "--latent", tmp_path / "z.nii.gz",
+                   "--devices", "gpu", "--out", out)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "maisi: error: --devices gpu: unknown device type 'gpu' in 'gpu'; use cpu, cuda or cuda:N"]
+
+
+def test_generate_request_carries_devices_to_the_split_decode(tiny_weights, monkeypatch):
+    """``GenerateRequest(devices=[...])`` reaches the exact decode: the same CT as one device."""
+    import numpy as np
+    from maisicore.pipelines.generate import GeneratePipeline
+    from maisicore.pipelines.requests import GenerateRequest
+    from maisicore.vae import tsp
+
+    monkeypatch.setattr(tsp, "WHOLE_VOLUME_FACTOR", 1e9)  # the whole-volume decode never fits: a split plan
+    base = dict(weights_dir=str(tiny_weights["rflow-ct"]), size=[32, 32, 32], spacing=[4.0, 4.0, 4.0], steps=1,
+                allow_any_size=True, device="cpu")
+    pipeline = GeneratePipeline.from_request(GenerateRequest(**base))
+    lines = []
+    one = pipeline(GenerateRequest(**base), log=lines.append).ct.array
+    two = pipeline(GenerateRequest(**base, devices=["cpu", "cpu"]), log=lines.append).ct.array
+    assert "split decode" in lines[-1] and lines[-1].endswith("slabs spread over 2 workers (cpu, cpu)")
+    assert np.array_equal(one, two)

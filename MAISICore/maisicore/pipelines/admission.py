@@ -130,9 +130,10 @@ def _weights_bytes(preset, weights_dir: Path) -> tuple[int, int]:
     return sum(sizes.values()), sizes["diffusion_unet"] + sizes.get("controlnet", 0)
 
 
-def _decode_estimate(preset, latent_shape, budget_bytes: int | None) -> tuple[int, str]:
+def _decode_estimate(preset, latent_shape, budget_bytes: int | None, workers: int = 1) -> tuple[int, str]:
     """The exact split decode's planned peak (bytes) for this latent within ``budget_bytes`` and the
-    plan in words; with no budget, the smallest plan's. ``InputError`` when no plan fits."""
+    plan in words; with no budget, the smallest plan's. ``InputError`` when no plan fits.
+    ``workers``: the devices of ``--devices`` (each holds its own slab temporaries)."""
     import torch
 
     from ..models.networks import build_autoencoder
@@ -142,10 +143,10 @@ def _decode_estimate(preset, latent_shape, budget_bytes: int | None) -> tuple[in
         autoencoder = build_autoencoder(preset, "meta")
     _, output = decoder_graph(autoencoder, torch.empty((1, preset.latent_channels, *latent_shape), device="meta"))
     if budget_bytes is None:
-        plan = make_plan(output, None, mode="bounded", slab=1)
+        plan = make_plan(output, None, mode="bounded", slab=1, workers=workers)
         return int(plan.estimated_bytes), plan.describe()
     try:
-        plan = make_plan(output, budget_bytes, whole=True)
+        plan = make_plan(output, budget_bytes, whole=True, workers=workers)
     except MemoryError as exc:
         raise InputError(str(exc)) from exc
     return int(plan.estimated_bytes), plan.describe()
@@ -168,7 +169,8 @@ def estimate_generation_memory(prepared, device_type: str = "cpu", budget_bytes:
     weights, loading = _weights_bytes(preset, prepared.weights_dir)
     activations = DENOISE_FIXED_BYTES + DENOISE_BYTES_PER_LATENT_VOXEL * latent_voxels * act_bytes // 4
     attention = attention_bytes(preset, latent, device_type)
-    condition = CONDITION_BYTES_PER_VOXEL * image_voxels if plan.labels is not None else 0
+    mask_generation = getattr(prepared, "mask_generation", None)  # --anatomy-size: a mask is generated first
+    condition = CONDITION_BYTES_PER_VOXEL * image_voxels if plan.labels is not None or mask_generation else 0
     if getattr(plan, "guidance_scale", 0) > 0:  # classifier-free guidance: a batch of two (and two conditions)
         activations, attention, condition = 2 * activations, 2 * attention, 2 * condition
     denoise = activations + attention + condition
@@ -177,21 +179,27 @@ def estimate_generation_memory(prepared, device_type: str = "cpu", budget_bytes:
         arrays += 12 * int(np.prod(prepared.original_grid.shape))  # float32 resampling source and result + labels
     # The decode plan first: planning imports MONAI, which the baseline must include. It is planned
     # only when the other phases fit (a huge request is refused at once).
+    workers = len(getattr(request, "devices", None) or ()) or 1
     so_far = _resident_bytes() + LOAD_OVERHEAD_BYTES + weights
     room = None if budget_bytes is None else budget_bytes - so_far - arrays
     if budget_bytes is not None and so_far + max(loading, denoise) > budget_bytes:
         decode_peak, decode_plan = 0, "not planned (the request does not fit before decoding)"
     else:
         try:
-            decode_peak, decode_plan = _decode_estimate(preset, latent, max(room, 1) if room is not None else None)
+            decode_peak, decode_plan = _decode_estimate(preset, latent, max(room, 1) if room is not None else None,
+                                                        workers)
         except InputError:  # no split plan fits: the smallest plan's need counts
-            decode_peak, decode_plan = _decode_estimate(preset, latent, None)[0], "no split plan fits the budget"
+            decode_peak, decode_plan = _decode_estimate(preset, latent, None, workers)[0], "no split plan fits the budget"
     decode = decode_peak + arrays
     parts["baseline"] = 0 if cuda else _resident_bytes() + LOAD_OVERHEAD_BYTES
     parts["weights"] = weights
     parts.update(loading=loading, denoise_activations=activations, attention=attention, condition=condition,
                  decode_activations=decode_peak, image_arrays=arrays)
-    phase, larger = max((("loading", loading), ("denoising", denoise), ("decoding", decode)), key=lambda p: p[1])
+    phases = [("loading", loading), ("denoising", denoise), ("decoding", decode)]
+    if mask_generation is not None:
+        parts["mask_generation"] = mask_generation.estimated_bytes(device_type)
+        phases.append(("mask generation", parts["mask_generation"]))
+    phase, larger = max(phases, key=lambda p: p[1])
     peak = parts["baseline"] + parts["weights"] + larger
     return MemoryEstimate("cuda" if cuda else "cpu", parts, peak, phase, budget_bytes, decode_plan)
 

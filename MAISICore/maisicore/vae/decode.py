@@ -4,7 +4,8 @@
 mapped linearly). Methods:
 
 - ``exact`` (default): our tensor-splitting engine (``maisicore.vae.tsp``), equal to the unsplit decode,
-  in memory bounded by ``memory_budget_bytes`` (default: what the device has free).
+  in memory bounded by ``memory_budget_bytes`` (default: what the device has free); ``devices``
+  spreads its slabs over several devices (``--devices``).
 - ``sliding-window``: the reference's fallback, MONAI's ``SlidingWindowInferer`` over latent
   windows with Gaussian blending; each window has its own GroupNorm statistics, hence seams.
 - ``plain``: MONAI's ``decode_stage_2_outputs`` on the whole latent.
@@ -17,6 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..devices import check_decode_method
 from ..errors import InputError
 
 DECODERS = ("exact", "sliding-window", "plain")
@@ -42,20 +44,24 @@ def decode_latents(
     overlap: float = SLIDING_OVERLAP,
     log: Callable[[str], None] | None = None,
     clip_max: float | None = 1.0,
+    devices: Sequence[str | torch.device] | None = None,
 ) -> torch.Tensor:
     """Decode ``latents`` (1, 4, X/4, Y/4, Z/4) to an image (1, 1, X, Y, Z), float32 on CPU, clipped to
     [0, ``clip_max``] (None: only below, as the reference does for MR).
 
     The latents are divided by ``scale_factor`` first (diffusion works on scaled latents).
+    ``devices``: the exact decode's devices (``maisicore.vae.tsp.decode_exact``); default the latents'.
     """
     if method not in DECODERS:
         raise InputError(f"--decode {method!r}: choose one of {', '.join(DECODERS)}")
+    check_decode_method(devices, method)
     z = latents / scale_factor
     if method == "exact":
         from .tsp import decode_exact
 
         try:
-            image = decode_exact(autoencoder, z.float(), memory_budget_bytes, device=latents.device, log=log)
+            image = decode_exact(autoencoder, z.float(), memory_budget_bytes, device=latents.device, log=log,
+                                 devices=devices)
         except MemoryError as exc:
             raise InputError(str(exc)) from exc
     elif method == "sliding-window":

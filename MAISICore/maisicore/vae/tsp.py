@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -58,10 +60,17 @@ class GroupStats:
         self.m2 = torch.zeros(groups, dtype=torch.float64)
 
     def update(self, x: torch.Tensor) -> None:
-        xg = x.float().reshape(self.groups, -1)
-        n = xg.shape[1]
+        self.combine(*self.summarize(x, self.groups))
+
+    @staticmethod
+    def summarize(x: torch.Tensor, groups: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """One slab's per-group (count, mean, variance), float64 on the host."""
+        xg = x.float().reshape(groups, -1)
         var, mean = torch.var_mean(xg, dim=1, unbiased=False)
-        mean, var = mean.double().cpu(), var.double().cpu()
+        return xg.shape[1], mean.double().cpu(), var.double().cpu()
+
+    def combine(self, n: int, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Add a slab's ``summarize`` (Chan's parallel formula); slabs combined in one order give one result."""
         total = self.count + n
         delta = mean - self.mean
         self.mean += delta * (n / total)
@@ -81,6 +90,12 @@ class GroupStats:
 # --------------------------------------------------------------------------------------------
 # Nodes
 # --------------------------------------------------------------------------------------------
+def _assemble(chunks, a: int, b: int) -> torch.Tensor:
+    """Slices [a, b) out of (start, end, tensor) chunks that cover them."""
+    parts = [t.narrow(2, max(a, s) - s, min(b, e) - max(a, s)) for s, e, t in chunks if s < b and e > a]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
 class Node:
     """A (1, C, L, Y, Z) tensor read by slices along dim 2."""
 
@@ -91,7 +106,7 @@ class Node:
         self.channels = channels
         self.length = length
         self.plane = plane
-        self.chunks: list[tuple[int, int, torch.Tensor]] = []  # stored or cached slices
+        self.chunks: list[tuple[int, int, torch.Tensor]] = []  # stored slices (cached ones: Engine.cache)
         self.stored = False
         self.stats: GroupStats | None = None
         self.name = type(self).__name__
@@ -102,30 +117,29 @@ class Node:
 
     # reading ---------------------------------------------------------------------------------
     def read(self, a: int, b: int, engine: "Engine") -> torch.Tensor:
-        """Slices [a, b) (clipped to the volume): stored, cached, or computed now."""
+        """Slices [a, b) (clipped to the volume): stored, cached, or computed now. Stored slices are
+        shared by every engine; cached ones belong to the reading engine (one per device)."""
         a, b = max(a, 0), min(b, self.length)
-        if self.stored or self.cached:
-            have_end = self.chunks[-1][1] if self.chunks else None
-            have_start = self.chunks[0][0] if self.chunks else None
-            if self.stored:
-                if not self.chunks or a < have_start or b > have_end:
-                    raise RuntimeError(f"{self.name}: slices {a}:{b} not stored (have {have_start}:{have_end})")
-            else:
-                if not self.chunks or a < have_start or a > have_end:
-                    self.chunks = []
-                    self.chunks.append((a, b, self.compute(a, b, engine)))
-                elif b > have_end:
-                    self.chunks.append((have_end, b, self.compute(have_end, b, engine)))
-            return self._assemble(a, b)
+        if self.stored:
+            chunks = self.chunks
+            if not chunks or a < chunks[0][0] or b > chunks[-1][1]:
+                have = f"{chunks[0][0]}:{chunks[-1][1]}" if chunks else "none"
+                raise RuntimeError(f"{self.name}: slices {a}:{b} not stored (have {have})")
+            return _assemble(chunks, a, b)
+        if self.cached:
+            chunks = engine.chunks_of(self)
+            if not chunks or a < chunks[0][0] or a > chunks[-1][1]:
+                chunks[:] = [(a, b, self.compute(a, b, engine))]
+            elif b > chunks[-1][1]:
+                have_end = chunks[-1][1]
+                chunks.append((have_end, b, self.compute(have_end, b, engine)))
+            return _assemble(chunks, a, b)
         return self.compute(a, b, engine)
 
-    def _assemble(self, a: int, b: int) -> torch.Tensor:
-        parts = [t.narrow(2, max(a, s) - s, min(b, e) - max(a, s)) for s, e, t in self.chunks if s < b and e > a]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-
-    def free_below(self, index: int) -> None:
-        """Drop whole chunks that end at or before slice ``index``."""
-        self.chunks = [c for c in self.chunks if c[1] > index]
+    def free_below(self, index: int, engine: "Engine") -> None:
+        """Drop whole chunks that end at or before slice ``index`` (stored, or the engine's cache)."""
+        chunks = self.chunks if self.stored else engine.chunks_of(self)
+        chunks[:] = [c for c in chunks if c[1] > index]
 
     def compute(self, a: int, b: int, engine: "Engine") -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -208,17 +222,17 @@ class Norm(Node):
     def __init__(self, source: Node, norm: torch.nn.GroupNorm, silu: bool):
         super().__init__([source], source.channels, source.length, source.plane)
         self.norm, self.silu = norm, silu
-        self.coefficients = None
 
     def compute(self, a: int, b: int, engine: "Engine") -> torch.Tensor:
         (source,) = self.sources
-        if self.coefficients is None:
+        coefficients = engine.coefficients.get(id(self))
+        if coefficients is None:  # on the engine's device, once per engine
             if source.stats is None:
                 raise RuntimeError("GroupNorm read before its statistics were swept")
             mean, inv_std, w, bias = source.stats.scale_shift(self.channels, self.norm.eps, self.norm.weight, self.norm.bias)
             view = (1, -1, 1, 1, 1)
-            self.coefficients = tuple(t.to(engine.device).view(view) for t in (mean, inv_std, w, bias))
-        mean, inv_std, w, bias = self.coefficients
+            coefficients = engine.coefficients[id(self)] = tuple(t.to(engine.device).view(view) for t in (mean, inv_std, w, bias))
+        mean, inv_std, w, bias = coefficients
         x = source.read(a, b, engine).to(engine.device, non_blocking=True)
         y = (x.float() - mean) * inv_std * w + bias
         return F.silu(y) if self.silu else y
@@ -447,8 +461,10 @@ def _only_feeds_add(node: Node, order) -> bool:
     )
 
 
-def _estimate(output: Node, sweeps: list[Sweep], stored: set[int], slab: int) -> tuple[int, float]:
-    """Rough peak bytes of activations and the convolution work of a schedule."""
+def _estimate(output: Node, sweeps: list[Sweep], stored: set[int], slab: int, workers: int = 1) -> tuple[int, float]:
+    """Rough peak bytes of activations and the convolution work of a schedule. With several
+    ``workers`` (``--devices``) each holds its own slab temporaries, and a sweep's inputs are freed
+    only when the sweep ends (no worker frees what another still reads)."""
     order = _walk(output)
     # last sweep that reads each stored node
     last_use: dict[int, int] = {}
@@ -483,7 +499,10 @@ def _estimate(output: Node, sweeps: list[Sweep], stored: set[int], slab: int) ->
                 cache += rows * n.slice_bytes() * (2 if isinstance(n, Conv) else 1)
                 if isinstance(n, Conv):
                     work += n.length * n.channels * n.sources[0].channels * n.k**3 * n.plane[0] * n.plane[1] / (8 if n.downsample else 1)
-        peak = max(peak, live_start + max(growing - shrinking, 0) + cache + min(growing, shrinking) // 8)
+        if workers > 1:
+            peak = max(peak, live_start + growing + workers * cache)
+        else:
+            peak = max(peak, live_start + max(growing - shrinking, 0) + cache + min(growing, shrinking) // 8)
     return int(peak), (work / total_conv if total_conv else 1.0)
 
 
@@ -556,10 +575,11 @@ def whole_volume_bytes(output: Node) -> int:
 
 
 def make_plan(output: Node, budget_bytes: int | None, mode: str = "auto", slab: int | None = None,
-              whole: bool = False) -> SplitPlan:
+              whole: bool = False, workers: int = 1) -> SplitPlan:
     """Choose the plan: with ``whole`` (decodes only) and mode ``auto``, MONAI's whole-volume decode
     when its estimate fits ``budget_bytes`` (exact and the fastest); else the split plan with the
-    least recomputation, then the thickest slabs, whose estimate fits."""
+    least recomputation, then the thickest slabs, whose estimate fits. ``workers``: devices the
+    split plan's slabs are spread over (``--devices``; the whole-volume decode runs on the first)."""
     order = _walk(output)
     lengths = sorted({n.length for n in order if isinstance(n, Conv)})
     if mode not in ("auto", "exact", "bounded"):
@@ -577,7 +597,7 @@ def make_plan(output: Node, budget_bytes: int | None, mode: str = "auto", slab: 
         stored = _stored_for_mode(output, name, cut)
         sweeps = _schedule(output, stored)
         for thickness in slabs:
-            peak, work = _estimate(output, sweeps, stored, thickness)
+            peak, work = _estimate(output, sweeps, stored, thickness, workers)
             plan = SplitPlan(name, thickness, sweeps, stored, peak, budget_bytes, work, whole_bytes)
             if best is None or peak < best.estimated_bytes:
                 best = plan
@@ -612,11 +632,14 @@ _MALLOC_TRIM = None
 
 
 class Engine:
-    """Runs a plan: compute on ``device``, stored slices in ``storage`` memory."""
+    """Computes slabs on ``device``; stored slices in ``storage`` memory. One engine per device (and
+    per worker): its own copy of the convolution weights, GroupNorm coefficients and slab caches."""
 
     def __init__(self, device: torch.device, storage: torch.device, dtype: torch.dtype = torch.float32):
-        self.device, self.storage, self.dtype = device, storage, dtype
+        self.device, self.storage, self.dtype = torch.device(device), storage, dtype
         self._params: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.cache: dict[int, list[tuple[int, int, torch.Tensor]]] = {}  # lazily computed slices, by node
+        self.coefficients: dict[int, tuple[torch.Tensor, ...]] = {}  # GroupNorm (mean, 1/std, w, b), by node
 
     def parameters(self, conv: torch.nn.Conv3d):
         key = id(conv)
@@ -626,66 +649,41 @@ class Engine:
             self._params[key] = (w, b)
         return self._params[key]
 
-    def run(self, output: Node, plan: SplitPlan, out: torch.Tensor | None, callback=None) -> torch.Tensor | None:
-        """Execute ``plan``; ``out`` (1, C, L, Y, Z) on ``storage`` receives the output node."""
-        stored = plan.stored
-        order = _walk(output)
-        position = {id(n): i for i, n in enumerate(order)}
-        for n in order:
-            n.stored = id(n) in stored or isinstance(n, Input)
-        # Per sweep: the nodes it touches (consumers before sources) and the last sweep reading each stored node.
-        touched: list[list[Node]] = []
-        last_use: dict[int, int] = {}
-        for s, sweep in enumerate(plan.sweeps):
-            nodes: dict[int, Node] = {}
-            for target in sweep.targets:
-                for n in _lazy_upstream(target, stored):
-                    nodes[id(n)] = n
-                    for src in n.sources:
-                        nodes[id(src)] = src
-                        if src.stored:
-                            last_use[id(src)] = s
-            touched.append(sorted(nodes.values(), key=lambda n: -position[id(n)]))
-        total = sum(sweep.targets[0].length for sweep in plan.sweeps)
-        done = slabs_done = 0
-        for s, sweep in enumerate(plan.sweeps):
-            length = sweep.targets[0].length
-            step = max(1, math.ceil(plan.slab * length / output.length))
-            for n in order:
-                if not n.stored:
-                    n.chunks = []
-            for target, with_stats in zip(sweep.targets, sweep.stats):
-                if with_stats:
-                    target.stats = GroupStats(self._groups_of(target, order))
-            for a in range(0, length, step):
-                b = min(a + step, length)
-                for target, store, with_stats in zip(sweep.targets, sweep.store, sweep.stats):
-                    y = target.compute(a, b, self) if store else target.read(a, b, self)
-                    if with_stats:
-                        target.stats.update(y)
-                    if store:
-                        target.chunks.append((a, b, y.to(self.storage, self.dtype)))
-                    if target is sweep.output:
-                        out[:, :, a:b] = y.to(out.device, out.dtype)
-                    del y
-                self._free_behind(sweep, touched[s], b, last_use, s)
-                slabs_done += 1
-                if slabs_done % TRIM_EVERY_SLABS == 0:
-                    _release_free_heap()
-                done += b - a
-                if callback is not None:
-                    callback(done, total)
-            for src_id, last in last_use.items():
-                node = next((n for n in touched[s] if id(n) == src_id), None)
-                if last == s and node is not None and not isinstance(node, Input):
-                    node.chunks = []
-        for n in order:
-            if not isinstance(n, Input):
-                n.chunks = []
-        return out
+    def chunks_of(self, node: Node) -> list[tuple[int, int, torch.Tensor]]:
+        return self.cache.setdefault(id(node), [])
 
-    @staticmethod
-    def _free_behind(sweep: Sweep, nodes: list[Node], next_start: int, last_use: dict[int, int], s: int) -> None:
+    def run(self, output: Node, plan: SplitPlan, out: torch.Tensor | None, callback=None) -> torch.Tensor | None:
+        """Execute ``plan`` on this engine alone (``run_plan``)."""
+        return run_plan(output, plan, [self], out, callback)
+
+    def sweep(self, sweep: Sweep, starts: list[int], step: int, length: int, nodes: list[Node],
+              last_use: dict[int, int], s: int, free_stored: bool, out: torch.Tensor | None,
+              progress, stop=None) -> "_SweepPart":
+        """Slabs ``[a, a + step)`` for ``a`` in ``starts`` (consecutive) of one sweep. Statistics and
+        stored slices are returned, not applied: the caller combines every worker's in slab order.
+        ``free_stored``: free the sweep's inputs behind the slabs (only one worker reads them)."""
+        part = _SweepPart([[] for _ in sweep.targets], [])
+        for slabs_done, a in enumerate(starts, 1):
+            if stop is not None and stop.is_set():
+                break
+            b = min(a + step, length)
+            for i, (target, store, with_stats) in enumerate(zip(sweep.targets, sweep.store, sweep.stats)):
+                y = target.compute(a, b, self) if store else target.read(a, b, self)
+                if with_stats:
+                    part.stats.append((a, i, *GroupStats.summarize(y, target.stats.groups)))
+                if store:
+                    part.stored[i].append((a, b, y.to(self.storage, self.dtype)))
+                if target is sweep.output:
+                    out[:, :, a:b] = y.to(out.device, out.dtype)
+                del y
+            self._free_behind(sweep, nodes, b, last_use, s, free_stored)
+            if slabs_done % TRIM_EVERY_SLABS == 0:
+                _release_free_heap()
+            progress(b - a)
+        return part
+
+    def _free_behind(self, sweep: Sweep, nodes: list[Node], next_start: int, last_use: dict[int, int], s: int,
+                     free_stored: bool = True) -> None:
         """Drop cached or stored slices that no later slab of this sweep can read: the lowest slice
         each node can still be asked for, propagated from the targets through halos and scales."""
         low: dict[int, int] = {id(t): next_start for t in sweep.targets}
@@ -700,9 +698,9 @@ class Engine:
         for n in nodes:
             if isinstance(n, Input) or id(n) not in low or any(n is t and st for t, st in zip(sweep.targets, sweep.store)):
                 continue
-            if n.stored and last_use.get(id(n)) != s:
+            if n.stored and (not free_stored or last_use.get(id(n)) != s):
                 continue
-            n.free_below(low[id(n)])
+            n.free_below(low[id(n)], self)
 
     @staticmethod
     def _groups_of(node: Node, order) -> int:
@@ -712,24 +710,141 @@ class Engine:
         return 1
 
 
+@dataclass
+class _SweepPart:
+    """What one worker's slabs of a sweep produced: stored slices per target, statistics per slab."""
+
+    stored: list[list[tuple[int, int, torch.Tensor]]]
+    stats: list[tuple]  # (first slice, target index, count, mean, variance)
+
+
+def _worker(engine: Engine, stop, *args):
+    """``Engine.sweep`` in a worker thread: gradients off (thread-local), the engine's CUDA device current."""
+    import contextlib
+
+    device = torch.cuda.device(engine.device) if engine.device.type == "cuda" else contextlib.nullcontext()
+    try:
+        with torch.no_grad(), device:
+            return engine.sweep(*args, stop=stop)
+    except BaseException:
+        stop.set()  # the other workers stop at their next slab
+        raise
+
+
+def run_plan(output: Node, plan: SplitPlan, engines: list[Engine], out: torch.Tensor | None,
+             callback=None) -> torch.Tensor | None:
+    """Execute ``plan``; ``out`` (1, C, L, Y, Z) on the host receives the output node.
+
+    With several engines (``--devices``) each sweep's slabs are cut into as many runs of consecutive
+    slabs, one per engine, run in threads (torch releases the GIL inside its operations). A sweep
+    reads only what earlier sweeps stored, so the runs are independent; the GroupNorm statistics of
+    every slab are combined in slab order afterwards, as one engine combines them, and the stored
+    slices joined in order."""
+    stored = plan.stored
+    order = _walk(output)
+    position = {id(n): i for i, n in enumerate(order)}
+    for n in order:
+        n.stored = id(n) in stored or isinstance(n, Input)
+        if not n.stored:
+            n.chunks = []
+    # Per sweep: the nodes it touches (consumers before sources) and the last sweep reading each stored node.
+    touched: list[list[Node]] = []
+    last_use: dict[int, int] = {}
+    for s, sweep in enumerate(plan.sweeps):
+        nodes: dict[int, Node] = {}
+        for target in sweep.targets:
+            for n in _lazy_upstream(target, stored):
+                nodes[id(n)] = n
+                for src in n.sources:
+                    nodes[id(src)] = src
+                    if src.stored:
+                        last_use[id(src)] = s
+        touched.append(sorted(nodes.values(), key=lambda n: -position[id(n)]))
+    total = sum(sweep.targets[0].length for sweep in plan.sweeps)
+    done = 0
+    lock = threading.Lock()
+
+    def progress(slices: int) -> None:
+        nonlocal done
+        with lock:
+            done += slices
+            if callback is not None:
+                callback(done, total)
+
+    workers = len(engines)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="maisi-decode") if workers > 1 else None
+    stop = threading.Event()  # set by a failing worker, or here when this thread is interrupted
+    try:
+        for s, sweep in enumerate(plan.sweeps):
+            length = sweep.targets[0].length
+            step = max(1, math.ceil(plan.slab * length / output.length))
+            starts = list(range(0, length, step))
+            for target, with_stats in zip(sweep.targets, sweep.stats):
+                if with_stats:
+                    target.stats = GroupStats(Engine._groups_of(target, order))
+            common = (step, length, touched[s], last_use, s, workers == 1, out, progress)
+            if pool is None:
+                parts = [engines[0].sweep(sweep, starts, *common)]
+            else:  # consecutive runs of slabs, as even as the count allows; a worker without slabs idles
+                runs = [starts[w * len(starts) // workers:(w + 1) * len(starts) // workers] for w in range(workers)]
+                futures = [pool.submit(_worker, e, stop, sweep, run, *common) for e, run in zip(engines, runs) if run]
+                wait(futures)
+                parts = [f.result() for f in futures]  # the first failure is raised
+            for i, (target, store) in enumerate(zip(sweep.targets, sweep.store)):
+                if store:
+                    target.chunks = [chunk for part in parts for chunk in part.stored[i]]
+            for _, i, n, mean, var in sorted((p for part in parts for p in part.stats), key=lambda p: (p[0], p[1])):
+                sweep.targets[i].stats.combine(n, mean, var)
+            del parts
+            for engine in engines:
+                engine.cache.clear()
+            for src_id, last in last_use.items():
+                node = next((n for n in touched[s] if id(n) == src_id), None)
+                if last == s and node is not None and not isinstance(node, Input):
+                    node.chunks = []
+    finally:
+        if pool is not None:
+            stop.set()  # on an interruption the workers end at their next slab
+            pool.shutdown(wait=True, cancel_futures=True)
+        for engine in engines:
+            engine.cache.clear()
+            engine.coefficients.clear()
+        for n in order:
+            if not isinstance(n, Input):
+                n.chunks = []
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
 def _run(output: Node, device: torch.device, memory_budget_bytes, mode, slab, log, callback, what,
-         whole=None) -> torch.Tensor:
+         whole=None, devices=None) -> torch.Tensor:
     """Plan and run a graph; the output node's tensor on the host. ``whole``: a function running the
-    unsplit network (offered to the planner; decodes only)."""
+    unsplit network (offered to the planner; decodes only). ``devices``: spread the split plan's slabs
+    over these (one worker each; the budget is the smallest any of them leaves)."""
     storage = torch.device("cpu")  # stored activations live in host memory; slabs run on ``device``
-    plan = make_plan(output, activation_budget(device, memory_budget_bytes), mode, slab, whole=whole is not None)
+    devices = [torch.device(d) for d in devices] if devices else [device]
+    budget = min(activation_budget(d, memory_budget_bytes) for d in dict.fromkeys(devices))
+    plan = make_plan(output, budget, mode, slab, whole=whole is not None, workers=len(devices))
     if log is not None:
-        log(plan.describe().replace("decode", what))
+        line = plan.describe().replace("decode", what)
+        if len(devices) > 1:
+            line += (f", on {devices[0]} (the first of --devices)" if plan.mode == "whole" else
+                     f", slabs spread over {len(devices)} workers ({', '.join(map(str, devices))})")
+        log(line)
     if plan.mode == "whole":
         out = whole()
         if callback is not None:
             callback(output.length, output.length)
         return out.float().cpu()
     out = torch.empty((1, output.channels, output.length, *output.plane), dtype=torch.float32, device=storage)
-    return Engine(device, storage).run(output, plan, out, callback)
+    return run_plan(output, plan, [Engine(d, storage) for d in devices], out, callback)
+
+
+def _module_device(module: torch.nn.Module) -> torch.device | None:
+    parameter = next(module.parameters(), None)
+    return None if parameter is None else parameter.device
 
 
 @torch.no_grad()
@@ -742,6 +857,7 @@ def decode_exact(
     device: torch.device | None = None,
     callback=None,
     log=None,
+    devices=None,
 ) -> torch.Tensor:
     """``autoencoder.decode(latents)`` computed slab by slab: (1, 4, X, Y, Z) → (1, 1, 4X, 4Y, 4Z),
     float32 on CPU, equal to the unsplit decode up to float rounding.
@@ -754,19 +870,28 @@ def decode_exact(
         slab: output slices per slab (default chosen by the planner).
         device: compute device (default: the latents'); stored activations stay in host memory.
         callback: ``callback(done, total)`` slices swept; log: receives the plan as one line.
+        devices: several compute devices (``--devices``, e.g. ``["cuda:0", "cuda:1"]``; a device may
+            repeat): each sweep of a split plan is cut into one run of slabs per device, run in
+            threads, with the result of one device. The whole-volume decode runs on the first.
     """
     if latents.ndim != 5 or latents.shape[0] != 1:
         raise ValueError(f"latents must be (1, C, X, Y, Z), got {tuple(latents.shape)}")
-    device = torch.device(device or latents.device)
+    devices = [torch.device(d) for d in devices] if devices else None
+    device = devices[0] if devices else torch.device(device or latents.device)
     _, output = decoder_graph(autoencoder, latents.detach().to("cpu", torch.float32))
 
     def whole() -> torch.Tensor:
         from .decode import autocast_for
 
-        with autocast_for(device):  # float16 on CUDA as the reference (the norm may output float16)
-            return autoencoder.decode(latents.detach().to(device, torch.float32))
+        network = autoencoder
+        if devices and _module_device(autoencoder) not in (None, device):  # --devices elsewhere than the model
+            import copy
 
-    return _run(output, device, memory_budget_bytes, mode, slab, log, callback, "decode", whole)
+            network = copy.deepcopy(autoencoder).to(device)
+        with autocast_for(device):  # float16 on CUDA as the reference (the norm may output float16)
+            return network.decode(latents.detach().to(device, torch.float32))
+
+    return _run(output, device, memory_budget_bytes, mode, slab, log, callback, "decode", whole, devices)
 
 
 @torch.no_grad()
