@@ -11,7 +11,10 @@ its arithmetic is changed. What differs from a GPU run, and only that:
   (its noise in ``initialize_noise_latents``) are given to them as float32 holding the same
   float16-rounded values (``cpu_noise``);
 - ``capture_latents`` wraps ``dynamic_infer`` (the reference's decode entry) to record the latents it
-  decodes, then calls the original: the decode still runs.
+  decodes, then calls the original: the decode still runs;
+- ``float_context`` wraps a float32 network so that a float16 cross-attention ``context`` (the mask
+  generation's size vector, which the reference makes ``.half()`` for CUDA autocast) reaches it as
+  float32 holding the same values.
 """
 
 from __future__ import annotations
@@ -83,3 +86,18 @@ def cpu_noise(module) -> None:
         return original(latent_shape, device).float()
 
     module.initialize_noise_latents = noise
+
+
+class _FloatContext:
+    """Calls ``network`` with ``context`` as float32 (same values): no autocast on the CPU."""
+
+    def __init__(self, network):
+        self.network = network
+
+    def __call__(self, x, timesteps, context=None, **kwargs):
+        return self.network(x, timesteps=timesteps, context=None if context is None else context.float(), **kwargs)
+
+
+def float_context(network):
+    """``network`` taking the reference's float16 ``context`` as float32 (see the module docstring)."""
+    return _FloatContext(network)

@@ -18,6 +18,10 @@ from .errors import Cancelled, InputError
 from .models.presets import BODY_REGIONS, CT_MODEL_NAMES, MODEL_NAMES, SAMPLERS, WIDTHS
 
 MAX_PATCH_SIDE = 768  # voxels: the largest side of a published output grid
+DEVICES_HELP = ("spread the exact decode's slabs over these devices, comma-separated (cpu, cuda, cuda:N; one "
+                "worker per name, a name may repeat: cuda:0,cuda:1 or cpu,cpu), one autoencoder copy each; the "
+                "result equals the one-device decode. The whole-volume decode, when it fits, runs on the first. "
+                "The networks still run on --device (default: --device only)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Generate a synthetic CT (int16 HU) or, with rflow-mr / rflow-mr-brain, an MR image (float32, image "
             "only, --modality). Modes (the reference's names): image from mask (--mask), paired image + mask "
-            "(--anatomy: a mask from the candidate database), image only (neither); classifier-free guidance with "
-            "--guidance-scale. Not built yet: mask generation with controllable anatomy sizes. "
+            "(--anatomy: a mask from the candidate database), mask generation with controllable anatomy size "
+            "(--anatomy-size: a new mask from the model's mask networks, then the image from it), image only "
+            "(none of these); classifier-free guidance with --guidance-scale. "
             "With --mask the ControlNet follows a MAISI label volume "
             "and the CT takes the mask's grid (shape, spacing, direction, origin); voxels where the mask is 0 "
             "are set to -1000 HU. Without a mask the diffusion model runs alone on a grid centred on the origin."
@@ -102,6 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="candidate mask database (reference candidate_masks_*.json) for --anatomy; default "
                           "the index `maisi weights download MODEL --include-datasets` wrote in $MAISI_HOME/datasets")
     gen.add_argument("--mask-dir", metavar="DIR", help="folder of the database's mask files (default: the JSON's folder)")
+    gen.add_argument("--anatomy-size", metavar="NAME=SIZE,...",
+                     help="mask generation with controllable anatomy size (reference: controllable_anatomy_size): "
+                          "generate a new mask with the model's mask networks (models/mask_generation_*.pt) for these "
+                          "sizes, e.g. \"liver=0.6,hepatic tumor=0.1\", then the CT from it. NAME: gallbladder, liver, "
+                          "stomach, pancreas, colon, lung tumor, pancreatic tumor, hepatic tumor, colon cancer "
+                          "primaries, bone lesion (at most one tumour); SIZE: 0-1 (a fraction of the range seen in "
+                          "training) or -1 (absent). The other sizes come from the closest entry of "
+                          "all_anatomy_size_conditions.json. The mask (256³ at 1.5 mm) is resampled onto --size/--spacing")
+    gen.add_argument("--anatomy-size-db", metavar="JSON",
+                     help="the anatomy size database for --anatomy-size (default: all_anatomy_size_conditions.json in "
+                          "$MAISI_HOME/datasets, from NVIDIA's NV-Generate-CT datasets/)")
+    gen.add_argument("--mask-steps", type=_positive_int, metavar="N",
+                     help="DDPM steps of the mask generation (default 1000, as the reference; fewer: rougher masks)")
     gen.add_argument("--label-out", metavar="LABELS", help="also write the label volume the CT was generated from")
     gen.add_argument("--qc-retries", type=int, default=0, metavar="N",
                      help="check organ HU medians (maisi qc) and regenerate with the next seed up to N times")
@@ -118,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--memory-budget", type=float, metavar="GB",
                      help="the most memory the process may hold while decoding (CPU: resident, CUDA: device "
                           "memory; default: what it holds plus free memory minus 0.5 GiB)")
+    gen.add_argument("--devices", metavar="DEV[,DEV...]", help=DEVICES_HELP)
     gen.add_argument("--allow-any-size", action="store_true",
                      help="accept any size that is a multiple of 32 and any spacing (tests, tiny models)")
     gen.add_argument("--preview", metavar="PNG", help="also write a PNG of the three mid-planes")
@@ -150,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--out", required=True, metavar="DIR", help="folder to write (created if missing)")
     init.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     init.add_argument("--force", action="store_true", help="overwrite a weight set already in --out")
+    init.add_argument("--mask-networks", action="store_true",
+                      help="also write random mask generation networks (models/mask_generation_autoencoder.pt, "
+                           "models/mask_generation_diffusion_unet.pt) for `maisi generate --anatomy-size`")
     init.add_argument("--nonzero-init", action="store_true",
                       help="fill the layers MONAI starts at zero (UNet and ControlNet outputs) with small random "
                            "values, so untrained networks act: for tests and pipeline demos, not for training")
@@ -273,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the most memory the process may hold while decoding (default: free memory)")
     decode.add_argument("--decode", default="exact", choices=("exact", "sliding-window", "plain"))
     decode.add_argument("--device", default="auto")
+    decode.add_argument("--devices", metavar="DEV[,DEV...]", help=DEVICES_HELP)
     decode.add_argument("--out", required=True, metavar="CT")
     decode.set_defaults(handler=_cmd_vae_decode)
 
@@ -481,7 +504,7 @@ def _add_training_commands(commands) -> None:
         help="train or fine-tune the VAE, the diffusion UNet or the ControlNet (resumable; torchrun for several processes)",
         description=(
             "Train one MAISI stage on a datalist (`maisi prepare`) into RUN_DIR: metrics.jsonl (step, losses, lr, "
-            "time_s; val_l1 or val_loss), checkpoint/last.pt (every --checkpoint-every steps and at the end, written "
+            "time_s; val_l1 (and val_bone_l1 in a bone-aware or decoder-only VAE run) or val_loss), checkpoint/last.pt (every --checkpoint-every steps and at the end, written "
             "atomically), weights/ (a weight folder for `maisi generate --model RUN_DIR/weights`). Defaults come from "
             "the reference training configs; --config (reference format) and then the flags override them. "
             "Several processes: torchrun --nproc_per_node N -m maisicore train ... (NCCL on GPUs, gloo on CPU); "
@@ -515,6 +538,13 @@ def _add_training_commands(commands) -> None:
                        help="controlnet: start from the UNet's weights even when --init has a ControlNet checkpoint")
     train.add_argument("--perceptual-weights", metavar="PT",
                        help="vae: LPIPS-squeeze weights file for the perceptual loss (off without it; needs the lpips package)")
+    train.add_argument("--train-decoder-only", action="store_true",
+                       help="vae: fine-tune only the decoder of the --init VAE; the encoder, hence its latents and the "
+                            "diffusion UNet and ControlNet trained on them, stay valid")
+    train.add_argument("--bone-weight", type=float, metavar="W",
+                       help="vae: weight in the L1 of voxels at or above --bone-threshold-hu (default 1: plain L1)")
+    train.add_argument("--bone-threshold-hu", type=float, metavar="HU",
+                       help="vae: real value (HU) from which a voxel counts as bone for --bone-weight (default 200)")
     train.add_argument("--no-amp", action="store_true", help="CUDA: train in float32 instead of bf16/fp16 autocast")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
     train.set_defaults(handler=_cmd_train)
@@ -568,7 +598,8 @@ def _generate_request(args):
         qc_retries=args.qc_retries, device=args.device, decode=args.decode, memory_budget_gb=args.memory_budget,
         allow_any_size=args.allow_any_size, dry_run=args.dry_run, format=args.format,
         modality=args.modality, guidance_scale=args.guidance_scale,
-        sampler=args.sampler,
+        sampler=args.sampler, devices=args.devices.split(",") if args.devices is not None else None,
+        anatomy_size=args.anatomy_size, anatomy_size_db=args.anatomy_size_db, mask_steps=args.mask_steps,
     )
 
 
@@ -706,6 +737,7 @@ def _cmd_train(args) -> int:
 
     _check_finite_positive(args.lr, "--lr")
     _check_finite_positive(args.label_weight, "--label-weight")
+    _check_finite_positive(args.bone_weight, "--bone-weight")
     if args.seed is not None:
         _check_seed(args.seed)
     if args.patch_size and any(not 1 <= s <= MAX_PATCH_SIDE for s in args.patch_size):
@@ -717,7 +749,8 @@ def _cmd_train(args) -> int:
         checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
         weighted_loss_label=tuple(args.weighted_labels) if args.weighted_labels else None,
         weighted_loss=args.label_weight, perceptual_weights=args.perceptual_weights,
-        amp=False if args.no_amp else None,
+        amp=False if args.no_amp else None, decoder_only=True if args.train_decoder_only else None,
+        bone_weight=args.bone_weight, bone_threshold_hu=args.bone_threshold_hu,
     )
     try:
         result = train(args.stage, args.datalist, args.out, get_preset(args.model, args.width), config, init=args.init,
@@ -764,9 +797,16 @@ def _cmd_vae_decode(args) -> int:
     _check_finite_positive(args.scale_factor, "--scale-factor")
     budget = _budget_bytes(args.memory_budget)
     device = resolve_device(args.device)
+    devices = None
+    if args.devices is not None:
+        from .devices import check_decode_method, resolve_devices
+
+        devices = resolve_devices(args.devices)
+        check_decode_method(devices, args.decode)
     latent, affine = read_latent(args.latent)
     autoencoder = load_autoencoder(args.weights, device)
-    ct = decode_latent(autoencoder, latent, affine, device, args.scale_factor, args.decode, budget, log=_say)
+    ct = decode_latent(autoencoder, latent, affine, device, args.scale_factor, args.decode, budget, log=_say,
+                       devices=devices)
     write_volume(out, ct)
     print(f"wrote {out} (CT int16 HU, {'×'.join(map(str, ct.shape))} voxels)")
     return 0
@@ -877,7 +917,13 @@ def _cmd_weights_init(args) -> int:
     if not out.parent.is_dir():
         raise InputError(f"--out {out}: folder {out.parent} does not exist; create it first")
     preset = get_preset(args.preset, args.width)
+    if args.mask_networks and preset.image_only:
+        raise InputError(f"--mask-networks: {preset.name} is an image-only model; it cannot follow a generated mask")
     files = init_weights(preset, out, seed=args.seed, nonzero=args.nonzero_init)
+    if args.mask_networks:
+        from .models.weights import init_mask_weights
+
+        files.update(init_mask_weights(out, args.width, seed=args.seed, nonzero=args.nonzero_init))
     kind = "random weights" + (" (zero-initialised layers filled)" if args.nonzero_init else "")
     print(f"wrote {preset.key} {kind}, seed {args.seed}, to {out}: {', '.join(p.name for p in files.values())}")
     return 0

@@ -1,14 +1,18 @@
-"""Controllable anatomy sizes: the request side of the reference's mask-generation path (its
-``controllable_anatomy_size``). The mask networks are built (``models.presets.get_mask_generation_preset``,
-``models.networks.build_mask_networks``); their sampling, the reference's post-processing of the
-generated mask and the wiring into ``maisi generate`` are not built yet. These are the parts that need
-no network, checked against the reference.
+"""Controllable anatomy sizes: the torch-free parts of the reference's mask-generation path (its
+``controllable_anatomy_size``), checked against the reference.
 
 What lives here: ``ANATOMY_SIZE_CLASSES`` (the 10 entries of the size vector the reference's mask
 diffusion model is conditioned on, in its order), ``parse_anatomy_sizes`` (the option text → checked
-(name, value) pairs, the reference's ``check_input_ct`` rules) and ``select_size_condition`` (the
+(name, value) pairs, the reference's ``check_input_ct`` rules), ``select_size_condition`` (the
 reference's ``prepare_anatomy_size_condition``: the database vector closest to the request on the
-requested entries, with those entries overwritten).
+requested entries, with those entries overwritten), the size database file
+(``all_anatomy_size_conditions.json``: ``load_size_database``, ``default_size_database``), the
+tumour whose rules the post-processing applies (``target_tumor_label``) and the 124-class →
+MAISI-id table of the mask decoder's classes (``remap_table``).
+
+What is NOT here: sampling and decoding the mask (``maisicore.pipelines.maskgen``, torch), the
+post-processing of the generated mask (``maisicore.anatomy.maskpost``), the networks
+(``models.presets.get_mask_generation_preset``, ``models.networks.build_mask_networks``).
 
 Values are the reference's: a fraction in [0, 1] (the anatomy's size relative to the range seen in
 training) or −1 (absent). At most one tumour. Nothing here imports torch.
@@ -16,8 +20,14 @@ training) or −1 (absent). At most one tumour. Nothing here imports torch.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
 
 from ..errors import InputError
 
@@ -29,6 +39,11 @@ ANATOMY_SIZE_CLASSES = (
 )
 SIZE_TUMORS = ANATOMY_SIZE_CLASSES[5:]
 ABSENT = -1.0
+# MAISI ids of the tumour entries, in the vector's order (the reference's post-processing rules).
+SIZE_TUMOR_LABELS = {"lung tumor": 23, "pancreatic tumor": 24, "hepatic tumor": 26, "colon cancer primaries": 27,
+                     "bone lesion": 128}
+SIZE_DATABASE_FILE = "all_anatomy_size_conditions.json"  # NV-Generate-CT datasets/ (Hugging Face)
+REMAP_FILE = "label_dict_124_to_132.json"  # the reference's 124-class → MAISI id table (package data)
 
 
 def parse_anatomy_sizes(text: str) -> list[tuple[str, float]]:
@@ -82,3 +97,57 @@ def select_size_condition(pairs: Sequence[tuple[str, float]], database: Sequence
         vector[i] = size
     return vector
 
+
+
+def default_size_database() -> Path:
+    """Where ``all_anatomy_size_conditions.json`` is looked for: ``$MAISI_HOME/datasets``, beside the
+    candidate mask database (``maisi weights download MODEL --include-datasets`` puts it there)."""
+    from ..paths import datasets_dir
+
+    return datasets_dir() / SIZE_DATABASE_FILE
+
+
+def load_size_database(path: str | os.PathLike) -> list[dict]:
+    """The entries of an ``all_anatomy_size_conditions.json`` (a list of ``{"organ_size": [10 numbers]}``);
+    one-line ``InputError`` when the file is missing, unreadable or not in that format."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(
+            f"--anatomy-size needs the anatomy size database {SIZE_DATABASE_FILE}: none at {path}; download "
+            f"datasets/{SIZE_DATABASE_FILE} from huggingface.co/nvidia/NV-Generate-CT into {path.parent} "
+            "(`maisi weights download rflow-ct --include-datasets` fetches it with the 12 GB mask database), "
+            "or give --anatomy-size-db JSON")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable JSON file ({exc})") from exc
+    good = isinstance(data, list) and data and all(
+        isinstance(e, dict) and isinstance(e.get("organ_size"), list) and len(e["organ_size"]) == len(ANATOMY_SIZE_CLASSES)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in e["organ_size"]) for e in data)
+    if not good:
+        raise InputError(f"{path}: not an anatomy size database (a non-empty list of {{\"organ_size\": "
+                         f"[{len(ANATOMY_SIZE_CLASSES)} numbers]}} entries)")
+    return data
+
+
+def target_tumor_label(vector: Sequence[float]) -> int | None:
+    """MAISI id of the tumour the post-processing keeps: the last tumour entry of the size vector
+    that is not −1 after float16 rounding (the reference reads the float16 condition), or None."""
+    target = None
+    for name in SIZE_TUMORS:
+        if float(np.float16(vector[ANATOMY_SIZE_CLASSES.index(name)])) != ABSENT:
+            target = SIZE_TUMOR_LABELS[name]
+    return target
+
+
+@lru_cache(maxsize=1)
+def remap_table() -> np.ndarray:
+    """Lookup table, int64 (125,): mask decoder class index (the reference's 124-class set and
+    background) → MAISI label id, from the reference's label_dict_124_to_132.json."""
+    path = Path(__file__).resolve().parent.parent / "data" / REMAP_FILE
+    pairs = json.loads(path.read_text(encoding="utf-8")).values()
+    table = np.arange(max(p[0] for p in pairs) + 1, dtype=np.int64)
+    for index, label in pairs:
+        table[index] = label
+    table.setflags(write=False)
+    return table

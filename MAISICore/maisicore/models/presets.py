@@ -355,7 +355,7 @@ DEFAULT_SPACING_MM = (1.5, 1.5, 2.0)
 DEFAULT_BODY_REGION = ("chest",)
 
 
-# ---- mask generation (the reference's controllable-anatomy-size path; not wired into generation yet) ----
+# ---- mask generation (the reference's controllable-anatomy-size path, maisicore.pipelines.maskgen) ----
 
 
 @dataclass(frozen=True)
@@ -372,9 +372,18 @@ class MaskGenerationPreset:
     diffusion_unet: dict[str, Any]
     scheduler: SchedulerSpec
     scale_factor: float
-    latent_shape: tuple[int, int, int, int]
-    spacing_mm: float = 1.5
+    latent_shape: tuple[int, int, int, int]  # (4, X/4, Y/4, Z/4) of the generated mask
+    spacing_mm: float = 1.5  # voxel size of the generated mask (isotropic)
     weight_files: tuple[str, str] = ("mask_generation_autoencoder.pt", "mask_generation_diffusion_unet.pt")
+    default_steps: int = 1000  # config_infer.json mask_generation_num_inference_steps
+    # The reference decodes the mask with the image decode's sliding window when the latent has more
+    # voxels than the window (config_infer.json: 48³ latent voxels, overlap 0.6666, gaussian blending).
+    decode_window: tuple[int, int, int] = (48, 48, 48)
+    decode_overlap: float = 0.6666
+
+    @property
+    def key(self) -> str:
+        return f"mask-generation/{self.width}"
 
 
 def get_mask_generation_preset(width: str = "official") -> MaskGenerationPreset:
@@ -393,8 +402,10 @@ def get_mask_generation_preset(width: str = "official") -> MaskGenerationPreset:
         "attention_levels": [False, False, True, True], "num_head_channels": [0, 0, 32, 32], "num_res_blocks": 2,
         "use_flash_attention": True, "with_conditioning": True, "upcast_attention": True, "cross_attention_dim": 10,
     }
-    if width == "tiny":
-        autoencoder.update(num_channels=[8, 16, 32], norm_num_groups=8)
-        unet.update(channels=[8, 16, 24, 32], num_head_channels=[0, 0, 8, 8], norm_num_groups=8)
+    if width == "tiny":  # about 0.6 M parameters; a 64³ mask at 6 mm: the official 384 mm field of view
+        autoencoder.update(num_channels=[8, 16, 16], norm_num_groups=8)
+        unet.update(channels=[8, 16, 16, 16], num_head_channels=[0, 0, 8, 8], norm_num_groups=8)
+        return MaskGenerationPreset(width, autoencoder, unet, _VARIANTS["ddpm-ct"]["scheduler"],
+                                    scale_factor=1.0, latent_shape=(4, 16, 16, 16), spacing_mm=6.0)
     return MaskGenerationPreset(width, autoencoder, unet, _VARIANTS["ddpm-ct"]["scheduler"],
                                 scale_factor=1.0055984258651733, latent_shape=(4, 64, 64, 64))

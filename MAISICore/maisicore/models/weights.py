@@ -378,6 +378,30 @@ def init_weights(
     return written
 
 
+def init_mask_weights(out_dir: str | os.PathLike, width: str = "official", seed: int = 0,
+                      nonzero: bool = False) -> dict[str, Path]:
+    """Write randomly initialised mask generation networks (``presets.get_mask_generation_preset``)
+    into ``out_dir/models/`` under NVIDIA's names: the autoencoder as a plain state dict, the
+    diffusion UNet as ``{"unet_state_dict", "scale_factor"}`` (the preset's scale factor). Seeded by
+    ``seed``; ``nonzero`` as for ``init_weights``. Returns role → path."""
+    from .networks import build_mask_networks
+    from .presets import get_mask_generation_preset
+
+    preset = get_mask_generation_preset(width)
+    out_dir = Path(out_dir)
+    (out_dir / MODELS_SUBDIR).mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    autoencoder, unet = build_mask_networks(preset, "cpu")
+    if nonzero:
+        fill_zero_initialised(unet, torch.Generator().manual_seed(seed + 1))
+    autoencoder_file, unet_file = preset.weight_files
+    return {
+        "mask_autoencoder": save_checkpoint(out_dir / MODELS_SUBDIR / autoencoder_file, autoencoder.state_dict()),
+        "mask_diffusion_unet": save_checkpoint(out_dir / MODELS_SUBDIR / unet_file, {
+            "unet_state_dict": unet.state_dict(), "scale_factor": torch.tensor(preset.scale_factor)}),
+    }
+
+
 def save_checkpoint(path: Path, obj: dict) -> Path:
     """``torch.save`` through a temporary file and a rename.
 

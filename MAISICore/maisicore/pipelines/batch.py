@@ -79,8 +79,9 @@ class BatchItem:
 
     @property
     def labelled(self) -> bool:
-        """Whether the case has labels (inpainting, or generation from a mask or anatomy)."""
-        return self.request["kind"] == "inpaint" or bool(self.request.get("mask") or self.request.get("anatomy"))
+        """Whether the case has labels (inpainting, or generation from a mask, anatomy or anatomy sizes)."""
+        return self.request["kind"] == "inpaint" or bool(self.request.get("mask") or self.request.get("anatomy")
+                                                          or self.request.get("anatomy_size"))
 
     def fingerprint(self, layout: Layout, qc_retries: int) -> str:
         """Changes when anything that makes the item's bytes changes (request, seed, layout, QC)."""

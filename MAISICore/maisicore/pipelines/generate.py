@@ -27,6 +27,7 @@ from ..anatomy.labels import (
     body_region_from_mask,
     label_dict,
 )
+from ..devices import resolve_devices
 from ..diffusion.conditioning import controlnet_condition, unet_inputs
 from ..diffusion.sampling import sample, start_sampling
 from ..errors import Cancelled, InputError
@@ -89,6 +90,7 @@ def plan_generation(
     allow_any_size: bool = False,
     modality: str | None = None,
     guidance_scale: float | None = None,
+    mask_to_come: bool = False,
 ) -> GenerationPlan:
     """Check a request against the preset's rules and resolve defaults; raises ``InputError``.
 
@@ -101,6 +103,8 @@ def plan_generation(
         allow_any_size: accept any size that is a multiple of 32 and any positive spacing.
         modality: a ``MODALITY_CODES`` name the model takes (``mri_t1`` …); default the model's.
         guidance_scale: classifier-free guidance (0: none); default the model's reference value.
+        mask_to_come: no ``mask`` yet, one will be generated (``--anatomy-size``): no body-region
+            default and no note about guidance without a mask (``with_generated_mask`` completes the plan).
     """
     notes: list[str] = []
     notes += check_body_regions(body_region, preset)
@@ -150,7 +154,7 @@ def plan_generation(
                     f"{preset.name} is conditioned on the body region and the mask holds none of brain/skull, "
                     f"lungs, abdominal organs or femurs: give --body-region ({', '.join(BODY_REGIONS)})"
                 )
-        else:
+        elif not mask_to_come:
             region = (DEFAULT_BODY_REGION[0], DEFAULT_BODY_REGION[-1])
             notes.append(f"no --body-region or mask: {preset.name} conditioned on {DEFAULT_BODY_REGION[0]} (reference default)")
     steps = int(steps if steps is not None else preset.scheduler.default_steps)
@@ -161,11 +165,36 @@ def plan_generation(
             from ..anatomy.tumors import tumor_free_labels
 
             uncond = tumor_free_labels(labels)
-        elif not preset.uses_modality:
+        elif not preset.uses_modality and not mask_to_come:
             notes.append(f"--guidance-scale: {preset.name} takes no modality label, so without a mask guidance "
                          "changes nothing (it only doubles the work)")
     return GenerationPlan(size, spacing, steps, labels, region, output_affine, reorientation, notes,
                           modality_code=code, guidance_scale=guidance, uncond_labels=uncond)
+
+
+def with_generated_mask(preset: ModelPreset, plan: GenerationPlan, mask: Volume) -> GenerationPlan:
+    """``plan`` (made with ``mask_to_come``) completed with a generated mask on its grid: the labels,
+    the body region read from them when the model needs one and none was given, the unconditional
+    labels of guidance. One-line ``InputError`` when the mask holds no label or no body region."""
+    import dataclasses
+
+    labels = check_mask_values(mask.array, "generated mask")
+    if not np.any(labels != BACKGROUND):
+        raise InputError("the generated mask holds no label (the mask networks gave background only); "
+                         "try another --seed or other sizes")
+    region = plan.body_region
+    if preset.uses_body_region and region is None:
+        region = body_region_from_mask(labels)
+        if region is None:
+            raise InputError(f"{preset.name} is conditioned on the body region and the generated mask holds none of "
+                             f"brain/skull, lungs, abdominal organs or femurs: give --body-region ({', '.join(BODY_REGIONS)})")
+    uncond = None
+    if plan.guidance_scale > 0:
+        from ..anatomy.tumors import tumor_free_labels
+
+        uncond = tumor_free_labels(labels)
+    return dataclasses.replace(plan, labels=labels, body_region=region, uncond_labels=uncond,
+                               output_affine=mask.affine.copy(), notes=list(plan.notes))
 
 
 def plan_conditions(preset: ModelPreset, plan: GenerationPlan, device: torch.device, dtype: torch.dtype):
@@ -228,6 +257,7 @@ def latents_to_ct(
     decode: str = "exact",
     memory_budget_bytes: int | None = None,
     log: Callable[[str], None] | None = None,
+    devices: Sequence[torch.device] | None = None,
 ) -> Volume:
     """Decode, map to HU, set background to −1000 and return an int16 volume on the output grid.
     MR models (``preset.intensity == "mr"``): the reference's MR intensities instead, float32
@@ -236,12 +266,13 @@ def latents_to_ct(
         from ..vae.decode import unit_to_mr
 
         image01 = decode_latents(model.autoencoder, latents, model.scale_factor, decode, memory_budget_bytes, log=log,
-                                 clip_max=None)
+                                 clip_max=None, devices=devices)
         mr = unit_to_mr(image01[0, 0].numpy()).astype(np.float32)
         if plan.reorientation is not None:
             mr = undo_reorientation(mr, plan.reorientation)
         return Volume(mr, plan.output_affine.copy())
-    image01 = decode_latents(model.autoencoder, latents, model.scale_factor, decode, memory_budget_bytes, log=log)
+    image01 = decode_latents(model.autoencoder, latents, model.scale_factor, decode, memory_budget_bytes, log=log,
+                             devices=devices)
     image01 = image01[0, 0].numpy()
     hu = unit_to_hu(image01)
     if plan.labels is not None:
@@ -261,6 +292,7 @@ def generate(
     decode: str = "exact",
     memory_budget_bytes: int | None = None,
     log: Callable[[str], None] | None = None,
+    devices: Sequence[torch.device] | None = None,
 ) -> Volume:
     """Run a checked plan: a synthetic CT (int16 HU, (x, y, z), index → RAS affine).
 
@@ -270,13 +302,14 @@ def generate(
         decode: ``exact`` (tensor splitting, default), ``sliding-window`` (reference) or ``plain``.
         memory_budget_bytes: for the exact decode; default what the device has free.
         log: receives one-line notes (the decode plan).
+        devices: the exact decode's devices (``--devices``); default the model's.
     """
     latents = generate_latents(model, plan, seed, progress, cancel)
     if cancel is not None and cancel():
         raise Cancelled("cancelled by the user")
     if progress:
         progress("decode", 0, 1)
-    ct = latents_to_ct(model, latents, plan, decode, memory_budget_bytes, log)
+    ct = latents_to_ct(model, latents, plan, decode, memory_budget_bytes, log, devices)
     if progress:
         progress("decode", 1, 1)
     return ct
@@ -297,6 +330,8 @@ class PreparedGeneration:
     mask: Volume | None  # the labels the model follows (on the generation grid), or None
     original_grid: Grid | None  # the mask's own grid when it was fitted onto another, else None
     notes: list[str] = field(default_factory=list)
+    # --anatomy-size: the mask is generated when the pipeline runs (``pipelines.maskgen``); None otherwise
+    mask_generation: object | None = None  # maskgen.MaskGenerationPlan
 
 
 @dataclass
@@ -396,6 +431,12 @@ def prepare_generation(
     notes: list[str] = []
     size, spacing = request.size, request.spacing
     original_grid = None
+    mask_generation = None
+    if request.anatomy_size is not None:
+        from .maskgen import prepare_mask_generation
+
+        mask_generation = prepare_mask_generation(request, preset, weights_dir)
+        notes += mask_generation.notes
     if mask is None and request.mask:
         mask = read_volume(request.mask)
     if request.anatomy:
@@ -428,12 +469,12 @@ def prepare_generation(
     elif size is None and spacing is None:
         size, spacing = default_size, default_spacing
     plan = plan_generation(preset, size, spacing, mask, request.body_region, request.steps, any_size,
-                           request.modality, request.guidance_scale)
+                           request.modality, request.guidance_scale, mask_to_come=mask_generation is not None)
     if card_grid is not None and not request.allow_any_size:  # the model card allows its own grids
         plan.notes = [n for n in plan.notes if not n.startswith("--allow-any-size")]
     plan.notes = notes + plan.notes
     plan.sampler = check_sampler(request.sampler, preset.scheduler.kind)
-    return PreparedGeneration(request, preset, weights_dir, plan, mask, original_grid, plan.notes)
+    return PreparedGeneration(request, preset, weights_dir, plan, mask, original_grid, plan.notes, mask_generation)
 
 
 class GeneratePipeline:
@@ -446,6 +487,26 @@ class GeneratePipeline:
 
     def __init__(self, model: LoadedModel):
         self.model = model
+        self._mask_model = None  # the mask networks (--anatomy-size), loaded on first use
+
+    def generate_mask(self, prepared: PreparedGeneration, progress: ProgressFn | None = None,
+                      cancel: Callable[[], bool] | None = None, log=None) -> PreparedGeneration:
+        """For ``--anatomy-size``: generate the mask (``pipelines.maskgen``) on the plan's grid and
+        return ``prepared`` following it, as a mask from the database would be followed."""
+        import dataclasses
+
+        from .maskgen import generate_anatomy_mask, load_mask_model, mask_on_grid
+
+        spec = prepared.mask_generation
+        if self._mask_model is None or self._mask_model.settings != spec.settings:
+            self._mask_model = load_mask_model(spec.settings, self.model.device)
+        if log:
+            log(f"generating the mask ({spec.describe()}), {spec.steps} DDPM steps, seed {prepared.request.seed}")
+        labels = generate_anatomy_mask(self._mask_model, spec.vector, spec.steps, prepared.request.seed, progress, cancel)
+        plan = prepared.plan
+        mask = mask_on_grid(labels, spec.settings.spacing_mm, plan.size, plan.spacing)
+        plan = with_generated_mask(prepared.preset, plan, mask)
+        return dataclasses.replace(prepared, plan=plan, mask=mask, mask_generation=None)
 
     @classmethod
     def from_request(cls, request: GenerateRequest, device: str | None = None) -> GeneratePipeline:
@@ -480,15 +541,20 @@ class GeneratePipeline:
         import time
 
         prepared = request if isinstance(request, PreparedGeneration) else self.prepare(request, mask, log)
+        timings: dict[str, float] = {}
+        if prepared.mask_generation is not None:
+            started = time.perf_counter()
+            prepared = self.generate_mask(prepared, progress, cancel, log)
+            timings["mask_s"] = time.perf_counter() - started
         request, plan = prepared.request, prepared.plan
         budget = None if request.memory_budget_gb is None else int(request.memory_budget_gb * 2**30)
-        timings: dict[str, float] = {}
+        devices = resolve_devices(request.devices)
         notes = list(prepared.notes)
         seed, checks = request.seed, None
         for attempt in range(request.qc_retries + 1):
             started = time.perf_counter()
             ct = generate(self.model, plan, seed=seed, progress=progress, cancel=cancel, decode=request.decode,
-                          memory_budget_bytes=budget, log=log)
+                          memory_budget_bytes=budget, log=log, devices=devices)
             timings["generate_s"] = timings.get("generate_s", 0.0) + time.perf_counter() - started
             if not request.qc_retries:
                 break

@@ -60,7 +60,7 @@ class HumanReport(Report):
 
         bar = self._bars.get(stage)
         if bar is None:
-            bar = self._bars[stage] = tqdm(total=total, desc=stage, unit="step" if stage == "denoise" else "vol",
+            bar = self._bars[stage] = tqdm(total=total, desc=stage, unit="step" if stage in ("denoise", "mask") else "vol",
                                            file=self.stderr, dynamic_ncols=True)
         bar.update(done - bar.n)
         if done >= total:
@@ -106,6 +106,7 @@ def _qc_rows(checks) -> list[dict] | None:
 
 def run_generate(request: GenerateRequest, report: Report, cancel: Callable[[], bool] | None = None) -> RunSummary:
     """Check, load, generate and write a ``GenerateRequest``; raises ``InputError``/``Cancelled``."""
+    from ..devices import resolve_devices
     from ..validation import resolve_device
     from .admission import check_admission
     from .generate import GeneratePipeline, prepare_generation
@@ -114,6 +115,7 @@ def run_generate(request: GenerateRequest, report: Report, cancel: Callable[[], 
     for note in prepared.notes:
         report.note(note)
     device = resolve_device(request.device)
+    resolve_devices(request.devices)  # --devices present on this machine, before any network
     estimate = check_admission(prepared, device.type)  # too large → InputError before any network
     plan = prepared.plan
     if request.dry_run:
@@ -129,7 +131,8 @@ def run_generate(request: GenerateRequest, report: Report, cancel: Callable[[], 
     pipeline = GeneratePipeline.from_request(request)
     region = f", body region {plan.body_region[0]}→{plan.body_region[1]}" if plan.body_region else ""
     source = f", following {request.mask}" if request.mask else (
-        f", anatomy {', '.join(request.anatomy)}" if request.anatomy else "")
+        f", anatomy {', '.join(request.anatomy)}" if request.anatomy else (
+            f", mask generated with anatomy sizes {request.anatomy_size}" if request.anatomy_size else ""))
     report.info(f"{prepared.preset.key} on {pipeline.model.device}: {_fmt(plan.size, 'd')} voxels at "
                 f"{_fmt(plan.spacing)} mm, {plan.steps} steps, seed {request.seed}{source}{region}")
     result = pipeline(prepared, progress=report.progress, cancel=cancel, log=report.info)
