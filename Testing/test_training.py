@@ -340,3 +340,50 @@ def test_resume_needs_a_checkpoint_and_a_run_is_never_overwritten(data, tmp_path
     again = run_maisi_in_process("train", "vae", "--datalist", data["ct"], "--out", run, "--width", "tiny",
                                  "--max-steps", 1, "--device", "cpu")
     assert again.returncode == 2 and "already holds a run" in again.stderr
+
+
+def test_bone_weighted_l1_weighs_the_voxels_at_or_above_the_threshold():
+    from maisicore.training.stages import hu_threshold_unit, weighted_l1
+
+    rng = np.random.default_rng(0)
+    image = rng.random((1, 1, 8, 8, 8)).astype(np.float32)
+    reconstruction = rng.random((1, 1, 8, 8, 8)).astype(np.float32)
+    threshold = hu_threshold_unit(150.0)
+    assert threshold == pytest.approx(0.575)
+    expected = np.mean(np.abs(reconstruction - image) * np.where(image >= threshold, 7.0, 1.0))
+    got = weighted_l1(torch.from_numpy(reconstruction), torch.from_numpy(image), 7.0, threshold)
+    assert float(got) == pytest.approx(float(expected), rel=1e-6)
+    plain = weighted_l1(torch.from_numpy(reconstruction), torch.from_numpy(image), 1.0, threshold)
+    assert float(plain) == pytest.approx(float(np.mean(np.abs(reconstruction - image))), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_decoder_only_bone_aware_run_keeps_the_encoder(data, tmp_path):
+    run = tmp_path / "decoder"
+    result = run_maisi_in_process("train", "vae", "--datalist", data["ct"], "--out", run, "--width", "tiny",
+                                  "--init", data["weights"], "--patch-size", 32, 32, 32, "--max-steps", 2,
+                                  "--validate-every", 2, "--lr", 1e-3, "--device", "cpu", "--train-decoder-only",
+                                  "--bone-weight", 5, "--bone-threshold-hu", 150)
+    assert result.returncode == 0, result.stderr
+    assert "decoder only" in result.stdout and "voxels at or above 150 HU weigh 5" in result.stdout
+    trained = _tensors(run / "weights" / "models" / "autoencoder_v1.pt")
+    start = _tensors(data["weights"] / "models" / "autoencoder_v1.pt")
+    encoder = [k for k in start if not k.startswith(("decoder.", "post_quant_conv."))]
+    decoder = [k for k in start if k.startswith("decoder.")]
+    assert encoder and decoder and "quant_conv_mu.conv.weight" in encoder
+    assert all(torch.equal(trained[k], start[k]) for k in encoder)  # same encoder: same latents
+    assert not all(torch.equal(trained[k], start[k]) for k in decoder)
+    records = read_metrics(run / "metrics.jsonl")
+    assert len(_val(records, "val_bone_l1")) == 2 and all(np.isfinite(_val(records, "val_bone_l1")))
+    assert all(r["recon_weighted"] >= r["recon_l1"] for r in records if "loss" in r)
+
+
+def test_refuses_bad_bone_aware_settings(data, tmp_path):
+    assert "needs --init" in _bad(tmp_path, "vae", "--datalist", data["ct"], "--train-decoder-only")
+    assert "--bone-weight 0: must be a positive finite number" in _bad(
+        tmp_path, "vae", "--datalist", data["ct"], "--bone-weight", 0)
+    assert "between -1000 and 1000 HU" in _bad(tmp_path, "vae", "--datalist", data["ct"], "--bone-threshold-hu", 1500)
+    assert "are VAE settings" in _bad(tmp_path, "diffusion", "--datalist", data["latents"], "--bone-weight", 3)
+    config = tmp_path / "bone.json"
+    config.write_text(json.dumps({"bone_weight": "heavy"}))
+    assert "bone_weight must be a finite number" in _bad(tmp_path, "vae", "--datalist", data["ct"], "--config", config)

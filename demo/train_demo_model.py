@@ -3,14 +3,16 @@
 
     python demo/train_demo_model.py --out demo_run            # train, evaluate, write demo_run/demo
     python demo/train_demo_model.py --out demo_run --install  # and copy it into maisicore/data/demo
+    python demo/train_demo_model.py --out demo_run --until diffusion  # stop after that run (resume later)
 
 Runs already finished in OUT are kept when the script is called again (so it can be resumed).
 
 Every step is a real `maisi` command (printed as it runs); seeds are fixed, so a rerun on the same
 kind of machine reproduces the metrics. The data come from `python Testing/fetch_test_data.py`
 (TotalSegmentator 2.18.0 source distribution, cached, never committed). At the end the model
-generates a CT from the training segmentation and `maisi qc` checks its organ medians; the model
-card (MODEL_CARD.md + maisi_model.json) records data, steps, time and these metrics.
+generates CTs from the training segmentation with the quick start's request for seeds 0-9 and
+`maisi qc` checks their organ medians; the model card (MODEL_CARD.md + maisi_model.json) records data,
+steps, time and these metrics.
 """
 
 from __future__ import annotations
@@ -30,17 +32,25 @@ from maisicore.training.run import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGED = REPO / "MAISICore" / "maisicore" / "data" / "demo"
-# Runs in order: (steps, learning rate, seed). The VAE trains three times, each run starting from
+# Runs in order: (steps, learning rate, seed). The VAE trains four times, each run starting from
 # the last: all images with the reference's adversarial weight, then the 30-slice crop only with less
 # (0.02) and then none, at falling learning rates: fidelity on one patient is what the demo needs.
+# The last VAE run (vae_bone) weighs bone in the L1: without it the tiny VAE blurs bone into the soft
+# tissue around it (bone median 72 HU in a generated CT, against 170 HU in the real one).
 RUNS = {
     "vae": (400, 1e-3, 0),
     "vae_refine": (600, 3e-4, 1),
     "vae_polish": (500, 1e-4, 2),
+    "vae_bone": (300, 3e-4, 3),
     "diffusion": (2000, 3e-3, 0),
     "controlnet": (500, 1e-3, 0),
 }
-VAE_ADVERSARIAL_WEIGHT = {"vae": 0.1, "vae_refine": 0.02, "vae_polish": 0.0}
+VAE_ADVERSARIAL_WEIGHT = {"vae": 0.1, "vae_refine": 0.02, "vae_polish": 0.0, "vae_bone": 0.0}
+VAE_RUNS = (("vae", "vae_all.json"), ("vae_refine", "vae_crop.json"), ("vae_polish", "vae_crop.json"),
+            ("vae_bone", "vae_crop.json"))
+BONE = {"vae_bone": {"weight": 10.0, "threshold_hu": 150.0}}  # maisi train vae --bone-weight, --bone-threshold-hu
+QC_SEEDS = range(10)  # the quick start's request is generated and checked with each of these seeds
+QC_ORGANS = ("liver", "spleen", "pancreas", "kidney", "lung", "bone")
 GRID = {"size": (128, 96, 32), "spacing": (3.0, 3.0, 3.0)}  # generation grid: the scans' 3 mm, 32-multiples
 REPRODUCE_TOLERANCE = 0.10  # a rerun's metrics may differ from the bundled model's by this (relative)
 
@@ -91,7 +101,9 @@ def compare_with_bundled(card: dict, models: Path, log) -> bool:
             log(f"  {name}: only in {'this run' if name in ours else 'the bundled card'}")
             worst = float("inf")
             continue
-        difference = abs(ours[name] - theirs[name]) / max(abs(theirs[name]), 1e-12)
+        # HU medians near 0 (pancreas) are compared on a 100 HU scale: 10 % is then 10 HU
+        scale = 100.0 if name.startswith("seeds_qc.") or name.startswith("generated_median_hu.") else 1e-12
+        difference = abs(ours[name] - theirs[name]) / max(abs(theirs[name]), scale)
         worst = max(worst, difference)
         log(f"  {name}: {ours[name]:g} (bundled {theirs[name]:g}, {difference:.1%})")
     identical = []
@@ -162,6 +174,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="work folder (created)")
     parser.add_argument("--install", action="store_true", help="copy the result into maisicore/data/demo")
+    parser.add_argument("--until", choices=list(RUNS), metavar="RUN",
+                        help=f"stop after this training run ({', '.join(RUNS)}); call again without it to go on")
     args = parser.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -207,33 +221,54 @@ def main() -> int:
               "--device", "cpu", "--seed", seed, *extra, log=log)
         timings[f"{name}_s"] = round(time.monotonic() - t, 1)
 
+    def stop_here(name: str) -> bool:
+        if args.until == name:
+            log(f"stopped after {name} (--until); call again without --until to go on")
+            return True
+        return False
+
     previous = out / "start"
-    for name, datalist in (("vae", "vae_all.json"), ("vae_refine", "vae_crop.json"), ("vae_polish", "vae_crop.json")):
+    for name, datalist in VAE_RUNS:
         config = out / f"{name}_config.json"
         config.write_text(json.dumps({"adv_weight": VAE_ADVERSARIAL_WEIGHT[name]}) + "\n")
-        run("vae", name, out / datalist, previous, "--patch-size", 32, 32, 32, "--config", config)
+        bone = BONE.get(name)
+        extra = ("--bone-weight", bone["weight"], "--bone-threshold-hu", bone["threshold_hu"]) if bone else ()
+        run("vae", name, out / datalist, previous, "--patch-size", 32, 32, 32, "--config", config, *extra)
         previous = out / name / "weights"
+        if stop_here(name):
+            return 0
     maisi("prepare", "latents", "--datalist", out / "pairs.json", "--weights", previous,
           "--out-dir", out / "latents", "--out", out / "latents.json", "--round-to", 32, "--device", "cpu", log=log)
     run("diffusion", "diffusion", out / "latents.json", previous, "--batch-size", 1)
+    if stop_here("diffusion"):
+        return 0
     run("controlnet", "controlnet", out / "latents.json", out / "diffusion" / "weights", "--controlnet-from-unet",
         "--label-weight", 1)
     timings["total_s"] = round(sum(timings.values()), 1)
 
-    # Evaluate: a CT from the training segmentation, on the segmentation's own grid, and its organ medians.
+    # Evaluate: CTs from the training segmentation with the quick start's request (the segmentation's
+    # grid fitted onto 128×96×32 voxels at 3 mm and mapped back), seeds 0-9, and their organ medians.
     weights = out / "controlnet" / "weights"
-    ct, labels = out / "demo_ct.nii.gz", out / "demo_labels.nii.gz"
-    maisi("generate", "--model", weights, "--mask", out / "labels" / "seg.nii.gz", "--fit-grid",
-          "--size", *GRID["size"], "--spacing", *GRID["spacing"], "--allow-any-size", "--on-mask-grid",
-          "--seed", 0, "--device", "cpu", "--out", ct, "--label-out", labels, log=log)
-    maisi("qc", ct, "--label", labels, "--json", out / "qc.json", log=log)
-    qc = {row["organ"]: row for row in json.loads((out / "qc.json").read_text())}
+    seeds: dict[str, dict] = {}
+    for seed in QC_SEEDS:
+        ct, labels, report = out / f"demo_ct_{seed}.nii.gz", out / f"demo_labels_{seed}.nii.gz", out / f"qc_{seed}.json"
+        maisi("generate", "--model", weights, "--mask", out / "labels" / "seg.nii.gz", "--fit-grid",
+              "--size", *GRID["size"], "--spacing", *GRID["spacing"], "--allow-any-size", "--on-mask-grid",
+              "--seed", seed, "--device", "cpu", "--out", ct, "--label-out", labels, log=log)
+        maisi("qc", ct, "--label", labels, "--json", report, log=log)
+        qc = {row["organ"]: row for row in json.loads(report.read_text())}
+        seeds[str(seed)] = {**{organ: qc[organ]["median_hu"] for organ in QC_ORGANS if qc[organ]["checked"]},
+                            "passed": all(qc[organ]["passed"] for organ in QC_ORGANS)}
+    first = seeds[str(QC_SEEDS[0])]
     metrics = {
-        "vae_val_l1": first_and_last(validation_curve(out / "vae", "val_l1") + validation_curve(out / "vae_polish", "val_l1")),
+        "vae_val_l1": first_and_last(validation_curve(out / "vae", "val_l1") + validation_curve(out / VAE_RUNS[-1][0], "val_l1")),
+        "vae_bone_val_bone_l1": first_and_last(validation_curve(out / "vae_bone", "val_bone_l1")),
         "diffusion_val_loss": first_and_last(validation_curve(out / "diffusion", "val_loss")),
         "controlnet_val_loss": first_and_last(validation_curve(out / "controlnet", "val_loss")),
-        "generated_median_hu": {organ: qc[organ]["median_hu"] for organ in ("liver", "spleen", "kidney", "bone") if organ in qc},
-        "qc_passed": all(qc[o]["passed"] for o in ("liver", "spleen", "kidney", "bone") if o in qc),
+        "generated_median_hu": {organ: first[organ] for organ in ("liver", "spleen", "kidney", "bone") if organ in first},
+        "qc_passed": first["passed"],
+        "seeds_qc": seeds,
+        "seeds_passed": sum(row["passed"] for row in seeds.values()),
     }
     log(json.dumps(metrics, indent=1))
 
@@ -248,7 +283,7 @@ def main() -> int:
         "origin": "demo/train_demo_model.py: maisi train on TotalSegmentator 2.18.0 example CT (Apache-2.0)",
         "grid": {"size": list(GRID["size"]), "spacing": list(GRID["spacing"])},
         "runs": {name: {"steps": steps, "learning_rate": lr, "seed": seed} for name, (steps, lr, seed) in RUNS.items()},
-        "vae_adversarial_weight": VAE_ADVERSARIAL_WEIGHT, "seconds": timings, "threads": torch.get_num_threads(),
+        "vae_adversarial_weight": VAE_ADVERSARIAL_WEIGHT, "vae_bone_loss": BONE, "seconds": timings, "threads": torch.get_num_threads(),
         "cpu": os.cpu_count(), "torch": torch.__version__, "metrics": metrics,
     }
     (demo / "maisi_model.json").write_text(json.dumps(card, indent=2) + "\n")

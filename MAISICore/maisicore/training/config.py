@@ -11,6 +11,7 @@ here (caching, augmentation switches) are accepted and listed as ignored.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -58,6 +59,12 @@ class TrainConfig:
     adv_weight: float = 0.1
     perceptual_weight: float = 0.3
     perceptual_weights: str | None = None
+    # VAE, bone-aware fine-tuning: train only the decoder (the encoder, hence the latent space and the
+    # diffusion models trained on it, stay as they are) and weigh the L1 of voxels whose real value is
+    # at least ``bone_threshold_hu`` by ``bone_weight`` (1: plain L1)
+    decoder_only: bool = False
+    bone_weight: float = 1.0
+    bone_threshold_hu: float = 200.0
     validation_samples: int = 4  # fixed VAE patches or latent batches per validation
     # diffusion / ControlNet
     modality_dropout: float = 0.1
@@ -144,6 +151,21 @@ def _check(config: TrainConfig) -> None:
         raise InputError(f"--max-steps must be at least 1, got {config.max_steps}")
     if config.checkpoint_every < 1 or config.validate_every < 1:
         raise InputError("--checkpoint-every and --validate-every must be at least 1")
+    if not isinstance(config.decoder_only, bool):
+        raise InputError(f"decoder_only must be true or false, got {config.decoder_only!r}")
+    for key in ("bone_weight", "bone_threshold_hu"):
+        value = getattr(config, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InputError(f"{key} must be a finite number, got {value!r}")
+    if config.bone_weight <= 0:
+        raise InputError(f"--bone-weight (bone_weight) must be positive (1: plain L1), got {config.bone_weight:g}")
+    if not -1000.0 < config.bone_threshold_hu < 1000.0:
+        raise InputError(f"--bone-threshold-hu (bone_threshold_hu) must lie between -1000 and 1000 HU (the VAE's clipped range), "
+                         f"got {config.bone_threshold_hu:g}")
+    if config.stage != "vae" and (config.decoder_only or config.bone_weight != 1.0
+                                  or config.bone_threshold_hu != DEFAULTS["vae"].bone_threshold_hu):
+        raise InputError(f"--train-decoder-only, --bone-weight and --bone-threshold-hu are VAE settings; "
+                         f"{config.stage} training does not take them")
     if config.patch_size is not None:
         multiple, smallest = (4, 32) if config.stage == "vae" else (32, 32)
         if any(p < smallest or p % multiple for p in config.patch_size):

@@ -2,7 +2,9 @@
 and the checkpoint it contributes to a weight set.
 
 - ``VAEStage``: AutoencoderKlMaisi on image patches; L1 + KL + least-squares adversarial
-  (PatchDiscriminator) + perceptual (LPIPS-squeeze, only with an explicit weights file).
+  (PatchDiscriminator) + perceptual (LPIPS-squeeze, only with an explicit weights file). Optionally
+  bone-aware (voxels at or above ``bone_threshold_hu`` weigh ``bone_weight`` in the L1) and
+  decoder-only (the encoder frozen: the latent space, and the diffusion models trained on it, stay valid).
 - ``DiffusionStage``: the diffusion UNet on cached latents × scale factor; rectified-flow target
   x0 − ε (rflow-ct) or the noise (ddpm-ct), L1; spacing ×100 and modality (rflow-ct, dropped to 0
   with p = 0.1) or body-region one-hots ×100 (ddpm-ct) as conditions.
@@ -108,6 +110,23 @@ class Stage:
 # --------------------------------------------------------------------------------------- VAE
 
 
+def hu_threshold_unit(hu: float) -> float:
+    """A HU value on the VAE's [0, 1] scale (−1000 ↦ 0, 1000 ↦ 1)."""
+    return (float(hu) + 1000.0) / 2000.0
+
+
+def weighted_l1(reconstruction: torch.Tensor, image: torch.Tensor, weight: float, threshold: float) -> torch.Tensor:
+    """Mean absolute error with the voxels whose real value is at least ``threshold`` ([0, 1] scale)
+    weighted ``weight`` (the others 1); ``weight`` 1 is the plain L1."""
+    error = torch.abs(reconstruction - image)
+    if weight == 1.0:
+        return error.mean()
+    return (error * torch.where(image >= threshold, weight, 1.0)).mean()
+
+
+DECODER_PARTS = ("post_quant_conv", "decoder")  # what a decoder-only run trains; the encoder side stays
+
+
 def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, sigma²) ‖ N(0, 1)) summed over latent voxels and channels, mean over the batch."""
     kl = 0.5 * (z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2)) - 1)
@@ -129,10 +148,24 @@ class VAEStage(Stage):
         if init_dir is not None:
             path = weight_file(init_dir, preset.weight_files.autoencoder)
             load_state(autoencoder, state_dict_from(load_checkpoint(path), None, path, preset), path, preset)
+        elif config.decoder_only:
+            raise InputError("--train-decoder-only needs --init: the trained VAE whose decoder is fine-tuned "
+                             "(a random encoder would fix a meaningless latent space)")
         discriminator = PatchDiscriminator(**discriminator_kwargs(preset.width)).to(self.device)
         self.modules = {"autoencoder": autoencoder.train(), "discriminator": discriminator.train()}
+        trained = autoencoder.parameters()
+        if config.decoder_only:
+            autoencoder.requires_grad_(False)
+            parts = [getattr(autoencoder, name) for name in DECODER_PARTS]
+            for part in parts:
+                part.requires_grad_(True)
+            trained = [p for part in parts for p in part.parameters()]
+            self.notes.append("decoder only: the encoder and its latent space stay as --init has them")
+        self.bone_threshold = hu_threshold_unit(config.bone_threshold_hu)
+        if config.bone_weight != 1.0:
+            self.notes.append(f"bone-aware L1: voxels at or above {config.bone_threshold_hu:g} HU weigh {config.bone_weight:g}")
         self.optimizers = {
-            "autoencoder": torch.optim.Adam(autoencoder.parameters(), lr=config.lr),
+            "autoencoder": torch.optim.Adam(trained, lr=config.lr),
             "discriminator": torch.optim.Adam(discriminator.parameters(), lr=config.lr),
         }
         self.adversarial = PatchAdversarialLoss(criterion="least_squares")
@@ -158,7 +191,8 @@ class VAEStage(Stage):
             for sample in samples:
                 image = sample.image[None].to(self.device)
                 with autocast(self.device, config.amp):
-                    z_mu, z_sigma = autoencoder.encode(image)
+                    with torch.no_grad() if config.decoder_only else contextlib.nullcontext():
+                        z_mu, z_sigma = autoencoder.encode(image)
                     noise = torch.randn(z_mu.shape[1:], generator=sample.generator)[None].to(self.device, z_mu.dtype)
                     reconstruction = autoencoder.decode(z_mu + z_sigma * noise)
                     recon_loss = F.l1_loss(reconstruction.float(), image)
@@ -167,8 +201,12 @@ class VAEStage(Stage):
                     fake_logits = discriminator(reconstruction.contiguous().float())[-1]
                     generator_adv = self.adversarial(fake_logits, target_is_real=True, for_discriminator=False)
                     discriminator.requires_grad_(True)
-                    loss = recon_loss + config.kl_weight * kl_loss + config.adv_weight * generator_adv
                     values = {"recon_l1": recon_loss, "kl": kl_loss, "adv_g": generator_adv}
+                    if config.bone_weight != 1.0:
+                        values["recon_weighted"] = weighted_l1(reconstruction.float(), image, config.bone_weight,
+                                                               self.bone_threshold)
+                    loss = (values.get("recon_weighted", recon_loss) + config.kl_weight * kl_loss
+                            + config.adv_weight * generator_adv)
                     if self.perceptual is not None:
                         values["perceptual"] = self.perceptual(reconstruction.float(), image)
                         loss = loss + config.perceptual_weight * values["perceptual"]
@@ -195,14 +233,21 @@ class VAEStage(Stage):
         """Mean absolute reconstruction error (posterior mean, [0, 1] scale) over fixed patches."""
         autoencoder = self.modules["autoencoder"]
         autoencoder.eval()
-        errors = []
+        errors, bone_sum, bone_count = [], 0.0, 0
         for sample in samples:
             image = sample.image[None].to(self.device)
             with autocast(self.device, self.config.amp):
                 reconstruction, _, _ = self.encode_decode(image, None)
-            errors.append(float(torch.mean(torch.abs(reconstruction.float() - image))))
+            error = torch.abs(reconstruction.float() - image)
+            errors.append(float(torch.mean(error)))
+            bone = image >= self.bone_threshold
+            bone_sum, bone_count = bone_sum + float(error[bone].double().sum()), bone_count + int(bone.sum())
         autoencoder.train()
-        return {"val_l1": sum(errors) / len(errors)}
+        values = {"val_l1": sum(errors) / len(errors)}
+        if self.config.bone_weight != 1.0 or self.config.decoder_only:
+            # the L1 over the validation voxels at or above the bone threshold (NaN when there are none)
+            values["val_bone_l1"] = bone_sum / bone_count if bone_count else float("nan")
+        return values
 
     def export(self) -> dict:
         return self.modules["autoencoder"].state_dict()
