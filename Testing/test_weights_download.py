@@ -31,6 +31,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 MODEL = "rflow-ct"
 WEIGHT_NAMES = list(get_preset(MODEL).weight_files.as_dict().values())  # autoencoder, UNet, ControlNet
 SIZES = {WEIGHT_NAMES[0]: 200_003, WEIGHT_NAMES[1]: 300_007, WEIGHT_NAMES[2]: 250_001}
+MASK_NETWORKS = ["mask_generation_autoencoder.pt", "mask_generation_diffusion_unet.pt"]  # NVIDIA's names
 MASK_INDEX = "candidate_masks_flexible_size_and_spacing_4000.json"
 MASK_ARCHIVE = "all_masks_flexible_size_and_spacing_4000.zip"
 TOKEN = "hf_test_token_of_an_account_that_accepted_the_terms"
@@ -459,6 +460,9 @@ def test_datasets_are_downloaded_and_unpacked(server, home, published, tmp_path,
     index = json.dumps([{"pseudo_label_filename": "a/mask_1.nii.gz", "label_list": [1, 200]}]).encode()
     (datasets / MASK_INDEX).write_bytes(index)
     (datasets / "all_anatomy_size_conditions.json").write_bytes(b"[]")
+    mask_networks = {name: random.Random(name).randbytes(1000) for name in MASK_NETWORKS}  # --anatomy-size's
+    for name, data in mask_networks.items():
+        (tmp_path / "server" / REPO_PREFIX / "models" / name).write_bytes(data)
     with zipfile.ZipFile(datasets / MASK_ARCHIVE, "w") as archive:
         archive.writestr("all_masks_flexible_size_and_spacing_4000/a/mask_1.nii.gz", b"mask bytes")
     monkeypatch.setenv("HF_ENDPOINT", server.base_url)  # the mirror huggingface_hub's variable names
@@ -478,7 +482,12 @@ def test_datasets_are_downloaded_and_unpacked(server, home, published, tmp_path,
     # Small files are checked against their git blob id (the Hub's ETag), LFS files against their sha256.
     assert (hashes[MASK_INDEX]["published"], hashes[MASK_ARCHIVE]["published"]) == ("git blob sha1", "sha256")
     verify = run_maisi_in_process("weights", "verify", MODEL)
-    assert verify.returncode == 0 and verify.stdout.splitlines()[-1] == "ok: 6 file(s) match their recorded sha256"
+    models = home / "weights" / MODEL / "models"
+    assert {name: (models / name).read_bytes() for name in MASK_NETWORKS} == mask_networks  # beside the model's
+    model_hashes = json.loads((home / "weights" / MODEL / "hashes.json").read_text())
+    assert sorted(model_hashes) == sorted(f"models/{name}" for name in WEIGHT_NAMES + MASK_NETWORKS)
+    assert all(model_hashes[f"models/{name}"]["sha256"] == _sha256(data) for name, data in mask_networks.items())
+    assert verify.returncode == 0 and verify.stdout.splitlines()[-1] == "ok: 8 file(s) match their recorded sha256"
 
 
 def test_archive_member_outside_its_folder_is_refused(server, home, published, tmp_path, monkeypatch):

@@ -208,8 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "Hub does (default: $MAISI_WEIGHTS_BASE_URL, else $HF_ENDPOINT, else "
                                        "https://huggingface.co)")
     weights_download.add_argument("--include-datasets", action="store_true",
-                                  help="also download the candidate mask database for `maisi generate --anatomy` into "
-                                       "$MAISI_HOME/datasets (about 12 GB, unpacked to about 14 GB)")
+                                  help="also download what the paired modes need: the candidate mask database (--anatomy) and "
+                                       "the anatomy size database into $MAISI_HOME/datasets (about 12 GB, unpacked to "
+                                       "about 14 GB), and the mask generation networks (--anatomy-size) into the model's folder")
     weights_download.set_defaults(handler=_cmd_weights_download)
     weights_verify = weight_commands.add_parser(
         "verify",

@@ -5,7 +5,8 @@ What lives here:
 - ``OFFICIAL_MODELS``: per model, its checkpoints (names from ``maisicore.models.presets``; the MR models'
   in their own repos, under their own licences, see ``_MR_REPOS``) in the
   Hugging Face repo ``nvidia/NV-Generate-CT`` (revision ``main``), approximate sizes, the licence,
-  and the optional candidate-mask database (``--include-datasets``).
+  and the optional candidate-mask database, anatomy size database and mask generation networks
+  (``--include-datasets``: what ``--anatomy`` and ``--anatomy-size`` need).
 - Licence acceptance, remembered per model in ``$MAISI_HOME/licenses_accepted.json``.
 - ``download_model``: the Hub's metadata of every file first (size, sha256), the free-disk check, then
   ``huggingface_hub.hf_hub_download`` into the model folder; each file is checked against the sha256
@@ -41,7 +42,7 @@ from ..anatomy.maskdb import CANDIDATE_MASK_INDEX, MASK_FILES_FOLDER
 from ..errors import InputError
 from ..io.volumes import atomic_write
 from ..paths import DATASETS_SUBDIR, maisi_home
-from .presets import MODEL_NAMES, get_preset
+from .presets import MODEL_NAMES, get_mask_generation_preset, get_preset
 from .weights import MODEL_CARD, MODELS_SUBDIR, default_weights_root
 
 HF_REPO = "nvidia/NV-Generate-CT"
@@ -114,6 +115,9 @@ class OfficialModel:
     license: License
     repo: str = HF_REPO
     revision: str = HF_REVISION
+    # The mask generation networks (``--anatomy-size``), into the model's folder with the datasets
+    # (``--include-datasets``): what the paired modes need beyond image-from-mask.
+    mask_files: tuple[RemoteFile, ...] = ()
 
 
 # Approximate published sizes (bytes); the server's Content-Length replaces them at download time.
@@ -122,6 +126,8 @@ _APPROX_BYTES = {
     "diff_unet_3d_rflow-ct.pt": 2_200_000_000,
     "controlnet_3d_rflow-ct.pt": 288_000_000,
     "all_anatomy_size_conditions.json": 300_000,
+    "mask_generation_autoencoder.pt": 84_000_000,
+    "mask_generation_diffusion_unet.pt": 700_000_000,
 }
 _ANATOMY_SIZES = RemoteFile(f"{DATASETS_SUBDIR}/all_anatomy_size_conditions.json", _APPROX_BYTES[
     "all_anatomy_size_conditions.json"])
@@ -167,7 +173,10 @@ def _official_model(name: str) -> OfficialModel:
     names = get_preset(name).weight_files.as_dict()
     files = {role: RemoteFile(f"{MODELS_SUBDIR}/{file}", _APPROX_BYTES.get(file)) for role, file in names.items()}
     datasets = (_ANATOMY_SIZES, RemoteFile(_MASK_INDEX[name]), _MASK_ARCHIVE)
-    return OfficialModel(name=name, files=files, datasets=datasets, license=NVIDIA_OPEN_MODEL_LICENSE)
+    mask_files = tuple(RemoteFile(f"{MODELS_SUBDIR}/{file}", _APPROX_BYTES.get(file))
+                       for file in get_mask_generation_preset("official").weight_files)
+    return OfficialModel(name=name, files=files, datasets=datasets, license=NVIDIA_OPEN_MODEL_LICENSE,
+                         mask_files=mask_files)
 
 
 OFFICIAL_MODELS: dict[str, OfficialModel] = {name: _official_model(name) for name in MODEL_NAMES}
@@ -424,11 +433,12 @@ class DownloadReport:
 
 
 def plan_download(name: str, base_url: str, include_datasets: bool) -> list[Transfer]:
-    """The files still missing (model files, then datasets when asked), with their URLs."""
+    """The files still missing (model files, then datasets and mask networks when asked), with their URLs."""
     model = official_model(name)
     transfers = [Transfer(r, file_url(base_url, model, r), model_dir(name)) for r in model.files.values()]
     if include_datasets:
         transfers += [Transfer(r, file_url(base_url, model, r), datasets_root()) for r in model.datasets]
+        transfers += [Transfer(r, file_url(base_url, model, r), model_dir(name)) for r in model.mask_files]
     return [t for t in transfers if not _is_present(t.root, t.remote)]
 
 
@@ -629,6 +639,7 @@ def verify_model(name: str, include_datasets: bool = True) -> list[FileCheck]:
     checks = [_check_file(folder, remote) for remote in model.files.values()]
     if include_datasets:
         checks += [_check_file(datasets_root(), r) for r in model.datasets if recorded_hash(datasets_root(), r)]
+        checks += [_check_file(model_dir(name), r) for r in model.mask_files if recorded_hash(model_dir(name), r)]
     return checks
 
 

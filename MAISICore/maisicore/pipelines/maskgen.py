@@ -79,8 +79,8 @@ def mask_generation_settings(weights_dir: str | Path, model_width: str = "offici
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise InputError(
-            f"--anatomy-size needs the mask generation networks: missing {', '.join(missing)} (NVIDIA's "
-            "models/mask_generation_*.pt from huggingface.co/nvidia/NV-Generate-CT; random ones: "
+            f"--anatomy-size needs the mask generation networks: missing {', '.join(missing)} (NVIDIA's: "
+            "`maisi weights download rflow-ct --include-datasets`, or ddpm-ct; random ones: "
             "`maisi weights init --mask-networks`)")
     return MaskGenerationSettings(preset, paths[0], paths[1], tuple(int(n) for n in latent_shape), float(spacing))
 
