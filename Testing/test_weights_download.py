@@ -495,6 +495,8 @@ def test_archive_member_outside_its_folder_is_refused(server, home, published, t
     datasets.mkdir(parents=True)
     (datasets / MASK_INDEX).write_bytes(b"[]")
     (datasets / "all_anatomy_size_conditions.json").write_bytes(b"[]")
+    for name in MASK_NETWORKS:
+        (tmp_path / "server" / REPO_PREFIX / "models" / name).write_bytes(b"weights")
     with zipfile.ZipFile(datasets / MASK_ARCHIVE, "w") as archive:
         archive.writestr("../escaped.txt", b"no")
     result = _download(server, "--accept-license", "--include-datasets")
