@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the anatomy size database for --anatomy-size (default: all_anatomy_size_conditions.json in "
                           "$MAISI_HOME/datasets, from NVIDIA's NV-Generate-CT datasets/)")
     gen.add_argument("--mask-steps", type=_positive_int, metavar="N",
-                     help="DDPM steps of the mask generation (default 1000, as the reference; fewer: rougher masks)")
+                     help="DDPM steps of the mask generation (default: all the mask scheduler's train timesteps, 1000 "
+                          "for NVIDIA's networks, as the reference; fewer leave the mask noisy)")
     gen.add_argument("--label-out", metavar="LABELS", help="also write the label volume the CT was generated from")
     gen.add_argument("--qc-retries", type=int, default=0, metavar="N",
                      help="check organ HU medians (maisi qc) and regenerate with the next seed up to N times")

@@ -386,6 +386,19 @@ class MaskGenerationPreset:
         return f"mask-generation/{self.width}"
 
 
+# The tiny mask UNet's own DDPM (benchmarks/train_tiny_maskgen.py trains it): 50 train timesteps,
+# all of them sampled (MONAI's DDPMScheduler.step takes ``alphas_cumprod[t - 1]`` as the previous
+# step, exact only when every train timestep is sampled), linear betas ending with about the
+# official schedule's remaining signal, and the network predicting the clean latent (``sample``):
+# a network this small predicting the noise drifts away from the training latents over the steps.
+_TINY_MASK_SCHEDULER = SchedulerSpec(
+    kind="ddpm",
+    kwargs={"num_train_timesteps": 50, "beta_start": 0.002, "beta_end": 0.25, "schedule": "linear_beta",
+            "clip_sample": False, "prediction_type": "sample"},
+    default_steps=50,
+)
+
+
 def get_mask_generation_preset(width: str = "official") -> MaskGenerationPreset:
     """The mask networks at ``width`` (``official``: the config files' arguments; ``tiny``: few channels)."""
     if width not in WIDTHS:
@@ -405,7 +418,8 @@ def get_mask_generation_preset(width: str = "official") -> MaskGenerationPreset:
     if width == "tiny":  # about 0.6 M parameters; a 64³ mask at 6 mm: the official 384 mm field of view
         autoencoder.update(num_channels=[8, 16, 16], norm_num_groups=8)
         unet.update(channels=[8, 16, 16, 16], num_head_channels=[0, 0, 8, 8], norm_num_groups=8)
-        return MaskGenerationPreset(width, autoencoder, unet, _VARIANTS["ddpm-ct"]["scheduler"],
-                                    scale_factor=1.0, latent_shape=(4, 16, 16, 16), spacing_mm=6.0)
+        return MaskGenerationPreset(width, autoencoder, unet, _TINY_MASK_SCHEDULER, scale_factor=1.0,
+                                    latent_shape=(4, 16, 16, 16), spacing_mm=6.0,
+                                    default_steps=_TINY_MASK_SCHEDULER.default_steps)
     return MaskGenerationPreset(width, autoencoder, unet, _VARIANTS["ddpm-ct"]["scheduler"],
                                 scale_factor=1.0055984258651733, latent_shape=(4, 64, 64, 64))

@@ -132,8 +132,8 @@ def prepare_mask_generation(request, preset, weights_dir: str | Path) -> MaskGen
     steps = int(request.mask_steps or settings.preset.default_steps)
     notes = ()
     if steps < settings.preset.default_steps:
-        notes = (f"--mask-steps {steps}: the mask model was trained for {settings.preset.default_steps} DDPM steps; "
-                 "fewer steps give rougher masks (the reference warns too)",)
+        notes = (f"--mask-steps {steps}: the mask model's DDPM has {settings.preset.default_steps} timesteps; MONAI's DDPM "
+                 "step assumes every one is sampled, so fewer leave the mask noisy (the reference warns too)",)
     return MaskGenerationPlan(tuple(pairs), tuple(vector), settings, steps, database, notes)
 
 
