@@ -16,12 +16,14 @@ import logging
 from pathlib import Path
 from typing import Annotated
 
+import ctk
 import qt
 import slicer
 import vtk
 from MAISIGenerateLib import dependencies
 from MAISIGenerateLib.logic import GenerateLogic, format_duration
 from MAISIGenerateLib.parameters import (
+    ANATOMY_SIZE_CLASSES,
     BODY_REGIONS,
     DEFAULT_SIZE,
     DEFAULT_SPACING_MM,
@@ -29,11 +31,14 @@ from MAISIGenerateLib.parameters import (
     MODALITIES,
     MODELS,
     MODES,
+    SIZE_TUMORS,
     TUMOR_TYPES,
     FromSegmentation,
     InpaintTumor,
     RandomAnatomy,
     RunOptions,
+    format_anatomy_sizes,
+    parse_anatomy_sizes,
 )
 from slicer import (
     vtkMRMLMarkupsFiducialNode,
@@ -116,6 +121,7 @@ class MAISIGenerateParameterNode:
     fitGrid: bool = False
     # Random anatomy
     anatomy: str = ""
+    anatomySizes: str = ""  # "liver=0.6,hepatic tumor=0.1": the checked rows of "Anatomy sizes" (maisicore's text)
     bodyRegionTop: Annotated[str, Choice(["auto", *BODY_REGIONS])] = "auto"
     bodyRegionBottom: Annotated[str, Choice(["auto", *BODY_REGIONS])] = "auto"
     sizeXY: Annotated[int, WithinRange(32, 512)] = DEFAULT_SIZE[0]
@@ -219,6 +225,7 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._cudaAvailable = None
         self._maskGrid = None
         self._segmentTableRefreshPending = False
+        self._sizeRows = {}  # anatomy size class -> (checkbox, slider)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -256,6 +263,7 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "currentNodeChanged(vtkMRMLNode*)", lambda node: qt.QTimer.singleShot(0, self.updateSuggestedGrid))
         self.ui.tumorSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", lambda node: self.onTumorSegmentChanged())
         self.ui.tumorSegmentSelector.connect("currentSegmentChanged(QString)", lambda segmentId: self.onTumorSegmentChanged())
+        self.setupAnatomySizes()
 
         self.initializeParameterNode()
         self.updateDependencyButton()
@@ -329,8 +337,75 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.tumorPointSelector.enabled = p.tumorSource == "point"
         self.ui.tumorDiameterSpinBox.enabled = p.tumorSource == "point"
         self.ui.tumorSegmentSelector.enabled = p.tumorSource == "segment"
+        self.updateAnatomySizeRows()
         self.updateEstimate()
         self.updateWeightsLabel()
+
+    # ---- anatomy sizes (mask generation)
+
+    def setupAnatomySizes(self) -> None:
+        """The Random tab's "Anatomy sizes (mask generation)" group, built from maisicore's list of the
+        classes with a size control: per class a checkbox (use it) and a 0–1 slider. The checked rows
+        are the parameter node's ``anatomySizes`` text; the size database is a path field like the mask database."""
+        group = ctk.ctkCollapsibleGroupBox()
+        group.setObjectName("anatomySizesGroupBox")
+        group.title = _("Anatomy sizes (mask generation)")
+        group.toolTip = _("Checked rows: the model's mask networks generate the mask with these sizes (a fraction "
+                          "of the range seen in training; at most one tumour). Leave Anatomy empty.")
+        form = qt.QFormLayout(group)
+        for name in ANATOMY_SIZE_CLASSES:
+            check = qt.QCheckBox(name)
+            slider = ctk.ctkSliderWidget()
+            slider.minimum, slider.maximum, slider.singleStep, slider.pageStep, slider.decimals = 0.0, 1.0, 0.05, 0.1, 2
+            slider.value = 0.5
+            slider.enabled = False
+            slider.toolTip = _("Size of {name}: 0 the smallest, 1 the largest seen in training").format(name=name)
+            check.connect("toggled(bool)", lambda on, name=name: self.onAnatomySizeToggled(name, on))
+            slider.connect("valueChanged(double)", lambda value: self.storeAnatomySizes())
+            form.addRow(check, slider)
+            self._sizeRows[name] = (check, slider)
+        self.sizeDbPathLineEdit = ctk.ctkPathLineEdit()
+        self.sizeDbPathLineEdit.nameFilters = [_("Anatomy size database (*.json)")]
+        self.sizeDbPathLineEdit.toolTip = _("Optional: NVIDIA's all_anatomy_size_conditions.json "
+                                            "(default: the one in the maisi cache)")
+        form.addRow(_("Size database:"), self.sizeDbPathLineEdit)
+        group.collapsed = True
+        self.ui.randomTab.layout().addRow(group)
+
+    def onAnatomySizeToggled(self, name: str, on: bool) -> None:
+        """At most one tumour (maisicore's rule): checking a tumour unchecks the others."""
+        self._sizeRows[name][1].enabled = on
+        if on and name in SIZE_TUMORS:
+            for other in SIZE_TUMORS:
+                if other != name:
+                    check = self._sizeRows[other][0]
+                    wasBlocked = check.blockSignals(True)
+                    check.checked = False
+                    check.blockSignals(wasBlocked)
+                    self._sizeRows[other][1].enabled = False
+        self.storeAnatomySizes()
+
+    def storeAnatomySizes(self) -> None:
+        """The checked rows into the parameter node, as maisicore's ``name=size,...`` text."""
+        if self._parameterNode is None:
+            return
+        pairs = [(name, slider.value) for name, (check, slider) in self._sizeRows.items() if check.checked]
+        self._parameterNode.anatomySizes = format_anatomy_sizes(pairs) if pairs else ""
+
+    def updateAnatomySizeRows(self) -> None:
+        """The rows from the parameter node's text (unreadable text: no row checked)."""
+        try:
+            sizes = dict(parse_anatomy_sizes(self._parameterNode.anatomySizes)) if self._parameterNode.anatomySizes else {}
+        except ValueError:
+            sizes = {}
+        for name, (check, slider) in self._sizeRows.items():
+            wasBlocked = (check.blockSignals(True), slider.blockSignals(True))
+            check.checked = name in sizes
+            slider.enabled = name in sizes
+            if name in sizes:
+                slider.value = min(max(sizes[name], 0.0), 1.0)
+            check.blockSignals(wasBlocked[0])
+            slider.blockSignals(wasBlocked[1])
 
     def onModeChanged(self, index: int) -> None:
         if self._parameterNode is not None:
@@ -582,8 +657,10 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif p.mode == "random":
             regions = [r for r in (p.bodyRegionTop, p.bodyRegionBottom) if r != "auto"]
             anatomy = tuple(a.strip() for a in p.anatomy.split(",") if a.strip())
+            sizes = tuple(parse_anatomy_sizes(p.anatomySizes)) if p.anatomySizes else ()
             source = RandomAnatomy(anatomy, tuple(regions), (p.sizeXY, p.sizeXY, p.sizeZ),
-                                   (p.spacingXY, p.spacingXY, p.spacingZ), self.ui.maskDbPathLineEdit.currentPath or None)
+                                   (p.spacingXY, p.spacingXY, p.spacingZ), self.ui.maskDbPathLineEdit.currentPath or None,
+                                   anatomy_sizes=sizes, anatomy_size_db=self.sizeDbPathLineEdit.currentPath or None)
         else:
             center = None
             if p.tumorSource == "point":

@@ -5,6 +5,8 @@ process and tiny random weights (`maisi weights init --width tiny --nonzero-init
   voxel for voxel what the `maisi` CLI writes for the same labels and seed; inputs untouched; the
   label segmentation carries MAISI names, colours and terminology.
 - Inpainting a tumour at a point, and random anatomy without a mask: new nodes, right geometry.
+- Random anatomy with anatomy sizes (the "Anatomy sizes" sliders): the mask networks generate the
+  mask; a CT on the requested grid and its labels; sizes with anatomy names are refused in one line.
 - Cancel: the worker's process group is gone within 2 s and nothing is added to the scene.
 """
 
@@ -183,6 +185,81 @@ def test_random_anatomy_without_a_mask_gives_a_volume_and_no_labels(scene, tiny_
     assert result.segmentation_node is None
     np.testing.assert_allclose(np.linalg.norm(mrml.ijk_to_ras(result.volume_node)[:3, :3], axis=0), 5.0)
     assert slicer.util.arrayFromVolume(result.volume_node).shape == (N, N, N)
+
+
+MASKGEN_FIXTURE = Path(__file__).resolve().parent / "data" / "tiny_maskgen"  # benchmarks/train_tiny_maskgen.py
+
+
+@pytest.fixture
+def maskgen_folder(request, tmp_path, maisi) -> tuple[Path, Path]:
+    """(weight folder, size database): tiny rflow-ct weights with the tiny trained mask networks of
+    Testing/data/tiny_maskgen beside them (as test_maskgen.py's ``maskgen_weights``); without that
+    fixture, `maisi weights init --mask-networks --nonzero-init` and a small random size database."""
+    import json
+    import shutil
+
+    folder = tmp_path / "weights"
+    if MASKGEN_FIXTURE.is_dir():
+        shutil.copytree(request.getfixturevalue("tiny_weights")["rflow-ct"], folder)
+        for path in (MASKGEN_FIXTURE / "models").iterdir():
+            shutil.copyfile(path, folder / "models" / path.name)
+        card = json.loads((folder / "maisi_model.json").read_text())
+        card["mask_generation"] = json.loads((MASKGEN_FIXTURE / "maisi_model.json").read_text())["mask_generation"]
+        (folder / "maisi_model.json").write_text(json.dumps(card))
+        return folder, MASKGEN_FIXTURE / "all_anatomy_size_conditions.json"
+    result = maisi("weights", "init", "--preset", "rflow-ct", "--width", "tiny", "--mask-networks", "--nonzero-init",
+                   "--out", folder)
+    assert result.returncode == 0, result.stderr
+    rng = np.random.default_rng(0)
+    database = tmp_path / "all_anatomy_size_conditions.json"
+    database.write_text(json.dumps([{"organ_size": [float(v) for v in rng.random(10)]} for _ in range(20)]))
+    return folder, database
+
+
+@pytest.mark.slow
+def test_random_anatomy_with_anatomy_sizes_generates_the_mask(scene, maskgen_folder):
+    """The sliders' request: the mask networks generate the mask (liver size 0.8); the CT is on the
+    requested grid and its labels (liver, body) come back as a segmentation."""
+    weights, database = maskgen_folder
+    nodes_before = node_ids(scene)
+    source = RandomAnatomy(size=(N, N, N), spacing=(12.0, 12.0, 12.0), anatomy_sizes=(("liver", 0.8),),
+                           anatomy_size_db=str(database), mask_steps=5)
+    job = GenerateLogic().start(source, RunOptions(model=str(weights), seed=3, steps=2, device="cpu",
+                                                   allow_any_size=True))
+    assert (job.request.anatomy_size, job.request.anatomy, job.request.mask_steps) == ("liver=0.8", None, 5)
+    assert job.request.label_out and job.request.anatomy_size_db == str(database)
+    deadline = time.monotonic() + 600
+    while not job.done and time.monotonic() < deadline:
+        job.poll()
+        time.sleep(0.05)
+    result = job.finish()
+
+    assert result.volume_node is not None and result.segmentation_node is not None
+    assert any("mask generated with anatomy sizes liver=0.8" in line for line in result.log), result.log
+    ijk_to_ras = mrml.ijk_to_ras(result.volume_node)
+    np.testing.assert_allclose(np.linalg.norm(ijk_to_ras[:3, :3], axis=0), 12.0)
+    assert slicer.util.arrayFromVolume(result.volume_node).shape == (N, N, N)
+    segmentation = result.segmentation_node.GetSegmentation()
+    table = label_table()
+    ids = {table.by_name(segmentation.GetSegment(s).GetName()).id for s in mrml.segment_ids(result.segmentation_node)}
+    assert {1, 200} <= ids  # liver and body
+    assert node_ids(scene) - nodes_before == _with_display_nodes(result.volume_node, result.segmentation_node)
+
+
+def test_anatomy_sizes_with_anatomy_names_are_refused_in_one_line(scene, tmp_path):
+    """Anatomy names pick a mask from the database, sizes generate one: not both (the request's own
+    rule and words); nothing is started or left behind."""
+    temp_before = _maisi_temp_dirs()
+    source = RandomAnatomy(anatomy=("liver",), anatomy_sizes=(("liver", 0.8),), size=(N, N, N))
+    with pytest.raises(ValueError, match="--anatomy-size generates the mask; leave out --mask and --anatomy") as error:
+        GenerateLogic().start(source, RunOptions(model="rflow-ct", weights_dir=str(tmp_path), device="cpu"))
+    assert "\n" not in str(error.value)
+    assert _maisi_temp_dirs() <= temp_before
+    # The sizes are maisicore's rules too: a class without a size control, two tumours.
+    for sizes, words in [((("spleen", 0.5),), "'spleen' has no size control"),
+                         ((("hepatic tumor", 0.1), ("bone lesion", 0.2)), "at most one tumour")]:
+        with pytest.raises(ValueError, match=words):
+            GenerateLogic().start(RandomAnatomy(anatomy_sizes=sizes), RunOptions(device="cpu"))
 
 
 @pytest.mark.slow

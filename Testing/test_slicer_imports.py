@@ -34,7 +34,8 @@ def _heavy_modules_after(code: str) -> list[str]:
 
 @pytest.mark.parametrize("module", [
     "maisicore.anatomy.labels", "maisicore.anatomy.labelmap", "maisicore.anatomy.tumors", "maisicore.anatomy.grids",
-    "maisicore.anatomy.body", "maisicore.anatomy.qc", "maisicore.anatomy.maskdb", "maisicore.models.presets",
+    "maisicore.anatomy.body", "maisicore.anatomy.qc", "maisicore.anatomy.maskdb", "maisicore.anatomy.maskgen",
+    "maisicore.models.presets",
     "maisicore.io.geometry", "maisicore.training.config",
 ])
 def test_maisicore_rule_modules_import_without_torch(module):
@@ -69,6 +70,7 @@ def test_slicer_libraries_import_and_match_segments_without_torch():
         # 20 mm ball: (20 * 1.15 + 2 * 24) mm of region over 2, 2.5, 3 mm, up to multiples of 32.
         assert logic.inpaint_region_size(ct, 20.0) == (64, 32, 32), logic.inpaint_region_size(ct, 20.0)
         assert parameters.TUMOR_TYPES[0] == "hepatic tumor" and "lower" in parameters.BODY_REGIONS
+        assert parameters.ANATOMY_SIZE_CLASSES[1] == "liver"  # the sliders' classes: maisicore's list
         train_logic.TrainRequest("controlnet", "/run", datalist="/d.json").check()
     """)
     assert heavy == []

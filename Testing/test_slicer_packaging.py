@@ -21,7 +21,8 @@ MODULES = ("MAISIGenerate", "MAISITrain")
 HEAVY = {"torch", "monai", "maisicore", "numpy", "scipy", "nibabel"}
 # maisicore's torch-free constant modules the Slicer libraries import at file scope (their choices and
 # defaults are maisicore's, not copies); test_slicer_imports.py checks they load neither torch nor MONAI.
-LIGHT_MAISICORE = {"maisicore.models.presets", "maisicore.anatomy.tumors", "maisicore.training.config"}
+LIGHT_MAISICORE = {"maisicore.models.presets", "maisicore.anatomy.tumors", "maisicore.anatomy.maskgen",
+                   "maisicore.training.config"}
 QT = {"qt", "ctk", "slicer.qt", "PythonQt"}
 
 

@@ -489,16 +489,25 @@ class GenerateLogic:
             unknown = [a for a in anatomy if label_table().by_segment_name(a) is None]
             if unknown:
                 raise ValueError(f"not MAISI anatomy names: {', '.join(map(repr, unknown))} (see `maisi labels list`)")
+        sizes = None
+        if source.anatomy_sizes:  # the mask generated with these sizes: maisicore's text and rules
+            from maisicore.anatomy.maskgen import format_anatomy_sizes
+
+            sizes = format_anatomy_sizes(source.anatomy_sizes)
+        has_labels = bool(anatomy) or sizes is not None
         request = GenerateRequest(
             **_model_options(options), out=str(ct_file), size=[int(s) for s in source.size],
             spacing=[float(s) for s in source.spacing], anatomy=anatomy or None,
-            label_out=str(labels_file) if anatomy else None, mask_db=source.mask_db if anatomy else None,
+            label_out=str(labels_file) if has_labels else None, mask_db=source.mask_db if anatomy else None,
             body_region=list(source.body_regions) or None, allow_any_size=bool(options.allow_any_size),
+            anatomy_size=sizes, anatomy_size_db=source.anatomy_size_db if sizes else None,
+            mask_steps=source.mask_steps if sizes else None,
         )
+        request.check()  # refuse contradictions (anatomy with sizes...) here, with the worker's one line
         name = f"MAISI {_model_label(options)} seed {options.seed}"
 
         def make_result(job: GenerationJob) -> GenerationResult:
-            return self._read_outputs(ct_file, labels_file if anatomy else None, name, None)
+            return self._read_outputs(ct_file, labels_file if has_labels else None, name, None)
 
         return GenerationJob(request, self.python, workdir, make_result)
 

@@ -1,12 +1,14 @@
 """What a MAISIGenerate run is asked to do: plain dataclasses (nodes as values), filled by the
 module's parameter node in Slicer or directly by batch scripts and tests. No Qt. The choices
-(models, tumour types, body regions) and defaults are maisicore's, imported from its torch-free
-modules (``models.presets``, ``anatomy.tumors``): this file is loaded at Slicer's start-up."""
+(models, tumour types, body regions, the classes with a size control) and defaults are maisicore's,
+imported from its torch-free modules (``models.presets``, ``anatomy.tumors``, ``anatomy.maskgen``):
+this file is loaded at Slicer's start-up."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from maisicore.anatomy.maskgen import ANATOMY_SIZE_CLASSES, SIZE_TUMORS, format_anatomy_sizes, parse_anatomy_sizes
 from maisicore.anatomy.tumors import TUMOR_TYPES
 from maisicore.models.presets import (
     BODY_REGIONS,
@@ -17,8 +19,9 @@ from maisicore.models.presets import (
     MODEL_NAMES,
 )
 
-__all__ = ["MODES", "DEVICES", "MODELS", "MODALITIES", "TUMOR_TYPES", "BODY_REGIONS", "DEFAULT_SIZE",
-           "DEFAULT_SPACING_MM", "RunOptions", "FromSegmentation", "RandomAnatomy", "InpaintTumor"]
+__all__ = ["MODES", "DEVICES", "MODELS", "MODALITIES", "TUMOR_TYPES", "BODY_REGIONS", "ANATOMY_SIZE_CLASSES",
+           "SIZE_TUMORS", "format_anatomy_sizes", "parse_anatomy_sizes", "DEFAULT_SIZE", "DEFAULT_SPACING_MM",
+           "RunOptions", "FromSegmentation", "RandomAnatomy", "InpaintTumor"]
 
 MODES = ("segmentation", "random", "inpaint")
 DEVICES = ("auto", "cpu", "cuda")
@@ -75,14 +78,20 @@ class FromSegmentation:
 @dataclass
 class RandomAnatomy:
     """Generate a CT without a user mask: with ``anatomy`` (MAISI names) a mask is drawn from the
-    candidate mask database (``mask_db``, default the maisi cache's), else the diffusion model runs
-    alone. size (x, y, z) voxels, spacing (x, y, z) mm; body_regions for ddpm-ct, top first."""
+    candidate mask database (``mask_db``, default the maisi cache's); with ``anatomy_sizes``
+    ((name, size) pairs, names of ``ANATOMY_SIZE_CLASSES``, size 0–1 or −1 for absent) the model's
+    mask networks generate the mask (``mask_steps`` DDPM steps, None: 1000; size database
+    ``anatomy_size_db``, default the maisi cache's); else the diffusion model runs alone (not both).
+    size (x, y, z) voxels, spacing (x, y, z) mm; body_regions for ddpm-ct, top first."""
 
     anatomy: tuple[str, ...] = ()
     body_regions: tuple[str, ...] = ()
     size: tuple[int, int, int] = DEFAULT_SIZE
     spacing: tuple[float, float, float] = DEFAULT_SPACING_MM
     mask_db: str | None = None
+    anatomy_sizes: tuple[tuple[str, float], ...] = ()
+    anatomy_size_db: str | None = None
+    mask_steps: int | None = None
 
 
 @dataclass

@@ -3,9 +3,9 @@
 
 What lives here: ``ANATOMY_SIZE_CLASSES`` (the 10 entries of the size vector the reference's mask
 diffusion model is conditioned on, in its order), ``parse_anatomy_sizes`` (the option text → checked
-(name, value) pairs, the reference's ``check_input_ct`` rules), ``select_size_condition`` (the
-reference's ``prepare_anatomy_size_condition``: the database vector closest to the request on the
-requested entries, with those entries overwritten), the size database file
+(name, value) pairs, the reference's ``check_input_ct`` rules; ``format_anatomy_sizes`` the reverse),
+``select_size_condition`` (the reference's ``prepare_anatomy_size_condition``: the database vector
+closest to the request on the requested entries, with those entries overwritten), the size database file
 (``all_anatomy_size_conditions.json``: ``load_size_database``, ``default_size_database``), the
 tumour whose rules the post-processing applies (``target_tumor_label``) and the 124-class →
 MAISI-id table of the mask decoder's classes (``remap_table``).
@@ -77,6 +77,14 @@ def parse_anatomy_sizes(text: str) -> list[tuple[str, float]]:
     if len(tumors) > 1:
         raise InputError(f"--anatomy-size: at most one tumour can be controlled (the reference's rule); got {', '.join(tumors)}")
     return pairs
+
+
+def format_anatomy_sizes(pairs: Sequence[tuple[str, float]]) -> str:
+    """``[("liver", 0.6), ("hepatic tumor", 0.1)]`` → ``"liver=0.6,hepatic tumor=0.1"`` (the text
+    ``parse_anatomy_sizes`` reads, checked by it: one-line ``InputError`` for what it refuses)."""
+    text = ",".join(f"{' '.join(str(name).strip().lower().split())}={float(size):g}" for name, size in pairs)
+    parse_anatomy_sizes(text)
+    return text
 
 
 def select_size_condition(pairs: Sequence[tuple[str, float]], database: Sequence[dict]) -> list[float]:
