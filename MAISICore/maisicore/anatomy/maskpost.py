@@ -25,17 +25,22 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from .tumors import LUNG_LOBE_IDS as LUNG_LOBES
+from .tumors import LUNG_TUMOR_ID as LUNG_TUMOR
+from .tumors import TUMOR_TO_ORGAN_IDS
+
 BODY = 200
 HEPATIC_VESSEL = 25
 AIRWAY = 132
 LIVER = 1
 SPLEEN = 3
-LUNG_TUMOR, HEPATIC_TUMOR, COLON_TUMOR, BONE_LESION = 23, 26, 27, 128
-LUNG_LOBES = (28, 29, 30, 31, 32)
+HEPATIC_TUMOR, PANCREATIC_TUMOR, COLON_TUMOR, BONE_LESION = 26, 24, 27, 128
 INTESTINE = (12, 13, 19, 62)  # stomach, duodenum, small bowel, colon
 SMALL_BOWEL, COLON = 19, 62
-# Tumour → the label it becomes when it is not the requested tumour (reference order).
-TUMOR_HOSTS = {23: 28, 24: 4, 26: 1, 27: 62, 128: BODY}
+# Tumour → the label it becomes when it is not the requested tumour (reference order): the organs of
+# ``remove_tumors`` (anatomy.tumors), the first lung lobe for a lung tumour, the body for a bone lesion.
+TUMOR_HOSTS = {LUNG_TUMOR: LUNG_LOBES[0], **{t: TUMOR_TO_ORGAN_IDS[t] for t in (PANCREATIC_TUMOR, HEPATIC_TUMOR,
+                                                                             COLON_TUMOR)}, BONE_LESION: BODY}
 # Organs reduced to their largest part, in the reference's order (10, duodenum, appears twice there).
 LARGEST_PART_ORGANS = (1, 4, 10, 12, 3, 28, 29, 30, 31, 32, 5, 14, 13, 6, 7, 8, 9, 10)
 VERTEBRAE = tuple(range(33, 60))
