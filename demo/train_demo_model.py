@@ -32,7 +32,7 @@ from maisicore.training.run import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGED = REPO / "MAISICore" / "maisicore" / "data" / "demo"
-# Runs in order: (steps, learning rate, seed). The VAE trains four times, each run starting from
+# Runs in order: (steps, learning rate, seed). The VAE trains four times first, each run starting from
 # the last: all images with the reference's adversarial weight, then the 30-slice crop only with less
 # (0.02) and then none, at falling learning rates: fidelity on one patient is what the demo needs.
 # The fourth (vae_bone: the crop, no adversarial loss, learning rate back up to 3e-4) weighs bone in
@@ -269,13 +269,24 @@ def main() -> int:
             return True
         return False
 
-    previous = out / "start"
-    for name, datalist in VAE_RUNS:
+    def run_vae(name: str, datalist: Path, init: Path, *extra) -> None:
+        """A VAE run on 32³ patches with its adversarial weight (a config file) and bone weighting."""
         config = out / f"{name}_config.json"
         config.write_text(json.dumps({"adv_weight": VAE_ADVERSARIAL_WEIGHT[name]}) + "\n")
         bone = BONE.get(name)
-        extra = ("--bone-weight", bone["weight"], "--bone-threshold-hu", bone["threshold_hu"]) if bone else ()
-        run("vae", name, out / datalist, previous, "--patch-size", 32, 32, 32, "--config", config, *extra)
+        bone_options = ("--bone-weight", bone["weight"], "--bone-threshold-hu", bone["threshold_hu"]) if bone else ()
+        run("vae", name, datalist, init, "--patch-size", 32, 32, 32, "--config", config, *bone_options, *extra)
+
+    def qc_row(ct: Path, labels: Path, report: Path) -> dict:
+        """`maisi qc` of ct inside labels: the QC organs' medians (HU) and whether all pass."""
+        maisi("qc", ct, "--label", labels, "--json", report, log=log)
+        qc = {row["organ"]: row for row in json.loads(report.read_text())}
+        return {**{organ: qc[organ]["median_hu"] for organ in QC_ORGANS if qc[organ]["checked"]},
+                "passed": all(qc[organ]["passed"] for organ in QC_ORGANS)}
+
+    previous = out / "start"
+    for name, datalist in VAE_RUNS:
+        run_vae(name, out / datalist, previous)
         previous = out / name / "weights"
         if stop_here(name):
             return 0
@@ -289,12 +300,7 @@ def main() -> int:
         return 0
     run("controlnet", "controlnet", out / "latents.json", out / "diffusion_restart" / "weights", "--controlnet-from-unet",
         "--label-weight", 1)
-    config = out / "vae_decoder_config.json"
-    config.write_text(json.dumps({"adv_weight": VAE_ADVERSARIAL_WEIGHT["vae_decoder"]}) + "\n")
-    bone = BONE["vae_decoder"]
-    run("vae", "vae_decoder", out / "vae_crop.json", out / "controlnet" / "weights", "--patch-size", 32, 32, 32,
-        "--config", config, "--train-decoder-only", "--bone-weight", bone["weight"], "--bone-threshold-hu",
-        bone["threshold_hu"])
+    run_vae("vae_decoder", out / "vae_crop.json", out / "controlnet" / "weights", "--train-decoder-only")
     timings["total_s"] = round(sum(timings.values()), 1)
 
     # Evaluate: CTs from the training segmentation with the quick start's request (the segmentation's
@@ -306,16 +312,9 @@ def main() -> int:
         maisi("generate", "--model", weights, "--mask", out / "labels" / "seg.nii.gz", "--fit-grid",
               "--size", *GRID["size"], "--spacing", *GRID["spacing"], "--allow-any-size", "--on-mask-grid",
               "--seed", seed, "--device", "cpu", "--out", ct, "--label-out", labels, log=log)
-        maisi("qc", ct, "--label", labels, "--json", report, log=log)
-        qc = {row["organ"]: row for row in json.loads(report.read_text())}
-        seeds[str(seed)] = {**{organ: qc[organ]["median_hu"] for organ in QC_ORGANS if qc[organ]["checked"]},
-                            "passed": all(qc[organ]["passed"] for organ in QC_ORGANS)}
+        seeds[str(seed)] = qc_row(ct, labels, report)
     # the real crop with the same labels, for comparison (a fact of the data, not of the model)
-    report = out / "qc_real.json"
-    maisi("qc", data / "example_ct_sm.nii.gz", "--label", out / "labels" / "seg.nii.gz", "--json", report, log=log)
-    qc = {row["organ"]: row for row in json.loads(report.read_text())}
-    real_crop = {**{organ: qc[organ]["median_hu"] for organ in QC_ORGANS if qc[organ]["checked"]},
-                 "passed": all(qc[organ]["passed"] for organ in QC_ORGANS)}
+    real_crop = qc_row(data / "example_ct_sm.nii.gz", out / "labels" / "seg.nii.gz", out / "qc_real.json")
     first = seeds[str(QC_SEEDS[0])]
     metrics = {
         "vae_val_l1": first_and_last(validation_curve(out / "vae", "val_l1") + validation_curve(out / "vae_decoder", "val_l1")),

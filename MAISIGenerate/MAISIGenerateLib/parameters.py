@@ -80,7 +80,8 @@ class RandomAnatomy:
     """Generate a CT without a user mask: with ``anatomy`` (MAISI names) a mask is drawn from the
     candidate mask database (``mask_db``, default the maisi cache's); with ``anatomy_sizes``
     ((name, size) pairs, names of ``ANATOMY_SIZE_CLASSES``, size 0–1 or −1 for absent) the model's
-    mask networks generate the mask (``mask_steps`` DDPM steps, None: 1000; size database
+    mask networks generate the mask (``mask_steps`` DDPM steps, None: all of the mask scheduler's
+    timesteps, 1000 for NVIDIA's networks; size database
     ``anatomy_size_db``, default the maisi cache's); else the diffusion model runs alone (not both).
     size (x, y, z) voxels, spacing (x, y, z) mm; body_regions for ddpm-ct, top first."""
 
