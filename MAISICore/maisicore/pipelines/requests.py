@@ -28,6 +28,7 @@ DECODE_METHODS = ("exact", "sliding-window", "plain")
 OUTPUT_FORMATS = ("nifti", "nrrd", "dicom")  # None: from --out's extension
 FIT_MODES = ("auto", "always", "never")
 WEIGHTS_ACTIONS = ("list", "download", "remove")
+DRAFT_MAX_STEPS = 10  # a draft's sampler evaluations at most (ab2: one per step)
 MAX_SEED = 2**63  # seeds are 0 <= seed < 2**63 (torch's generator takes 64-bit seeds)
 
 
@@ -63,6 +64,12 @@ def _check_sampler(sampler) -> None:
     from ..models.presets import check_sampler  # torch-free rule
 
     check_sampler(str(sampler))
+
+
+def _check_precision(precision, reference_numerics) -> None:
+    from ..precision import check_precision  # torch-free rule
+
+    check_precision(precision, reference_numerics)
 
 
 def _check_steps(steps) -> None:
@@ -164,10 +171,18 @@ class GenerateRequest(_Request):
     anatomy_size: str | None = None  # "liver=0.6,hepatic tumor=0.1": generate the mask with these sizes
     anatomy_size_db: str | None = None  # all_anatomy_size_conditions.json; None: $MAISI_HOME/datasets
     mask_steps: int | None = None  # DDPM steps of the mask generation; None: 1000 (reference)
+    precision: str = "auto"  # auto, fp32, bf16, fp16 (maisicore.precision)
+    reference_numerics: bool = False  # NVIDIA's attention and precision: latents equal to its code's
+    draft: bool = False  # a quick look: fewer voxels, ab2 with at most DRAFT_MAX_STEPS, resampled back
+    update: str | None = None  # a previous CT of this request: regenerate only where the labels changed
+    previous_labels: str | None = None  # the labels the previous CT was generated from (with ``update``)
+    update_margin_mm: float | None = None  # mm around the changed voxels that are regenerated too
 
     def check(self, has_mask_volume: bool = False) -> None:
         """Refuse contradictory or out-of-range options with one line (nothing is read)."""
         has_mask = bool(self.mask) or has_mask_volume
+        _check_precision(self.precision, self.reference_numerics)
+        self._check_draft_and_update(has_mask)
         if self.anatomy_size is not None:
             from ..anatomy.maskgen import parse_anatomy_sizes  # torch-free
 
@@ -220,6 +235,29 @@ class GenerateRequest(_Request):
             raise InputError(f"--preview {self.preview}: must end with .png")
         _check_format(self.format, self.out)
 
+    def _check_draft_and_update(self, has_mask: bool) -> None:
+        if not isinstance(self.draft, bool):
+            raise InputError(f"draft {self.draft!r}: must be true or false")
+        if self.draft:
+            if self.update:
+                raise InputError("--draft and --update: choose one (an update regenerates part of a full result)")
+            if self.steps is not None and self.steps > DRAFT_MAX_STEPS:
+                raise InputError(f"--steps {self.steps} with --draft: a draft runs at most {DRAFT_MAX_STEPS} steps "
+                                 "(leave out --steps, or --draft for a full result)")
+            if self.qc_retries:
+                raise InputError("--qc-retries checks a full result; leave it out of a --draft")
+        if self.update_margin_mm is not None and not self.update:
+            raise InputError("--update-margin goes with --update PREVIOUS_CT")
+        if self.previous_labels and not self.update:
+            raise InputError("--previous-labels goes with --update PREVIOUS_CT")
+        if self.update:
+            if not has_mask or self.anatomy or self.anatomy_size is not None:
+                raise InputError("--update regenerates where --mask differs from --previous-labels: give --mask NEW_LABELS "
+                                 "(not --anatomy or --anatomy-size)")
+            if not self.previous_labels:
+                raise InputError("--update PREVIOUS_CT needs --previous-labels (the labels PREVIOUS_CT was generated from)")
+            _check_positive(self.update_margin_mm, "--update-margin", " of mm")
+
     @property
     def maps_back(self) -> bool:
         """Whether results of a fitted mask go back onto the mask's own grid."""
@@ -230,7 +268,8 @@ class GenerateRequest(_Request):
         return {k: v for k, v in named.items() if v}
 
     def input_paths(self) -> dict[str, str]:
-        named = {"--mask": self.mask, "--mask-db": self.mask_db, "--anatomy-size-db": self.anatomy_size_db}
+        named = {"--mask": self.mask, "--mask-db": self.mask_db, "--anatomy-size-db": self.anatomy_size_db,
+                 "--update": self.update, "--previous-labels": self.previous_labels}
         return {k: v for k, v in named.items() if v}
 
 
@@ -255,9 +294,12 @@ class InpaintRequest(_Request):
     label_out: str | None = None
     format: str | None = None  # nifti, nrrd (by --out's extension when None) or dicom (--out is a new folder)
     keep_patient: bool = False  # dicom: copy the source series' patient and study, reference its slices
+    precision: str = "auto"  # auto, fp32, bf16, fp16 (maisicore.precision)
+    reference_numerics: bool = False  # NVIDIA's attention and precision
 
     def check(self, has_image_volume: bool = False) -> None:
         """Refuse contradictory or out-of-range options with one line (nothing is read)."""
+        _check_precision(self.precision, self.reference_numerics)
         if not self.image and not has_image_volume:
             raise InputError("inpaint needs --image CT")
         if not self.tumor_type:
