@@ -10,7 +10,7 @@ What lives here:
 - ``read_seg``: a DICOM SEG (highdicom) as a MAISI label volume, each segment matched to a MAISI
   label by its name, else by its coded terminology (the label table's rules, as for Slicer segments).
 - ``write_dicom``: a CT as a new DICOM series and its labels as a DICOM SEG that references it,
-  marked synthetic (see ``Provenance`` and the README's DICOM section for the attributes used).
+  marked synthetic (see ``Provenance`` and docs/dicom.md for the attributes used).
 
 What is NOT here: NIfTI/NRRD (``maisicore.io.volumes``), label ids and names (``anatomy.labels``).
 """

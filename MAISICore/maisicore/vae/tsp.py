@@ -1,7 +1,7 @@
 """Tensor splitting parallelism (TSP): the MAISI VAE decoder and encoder run exactly, slab by slab,
 in bounded memory, with the weights of MONAI's ``AutoencoderKlMaisi`` unchanged.
 
-Design (chosen by measurement, see the README's "Memory" section)
+Design (chosen by measurement, see docs/memory-and-speed.md)
 ------------------------------------------------------------------
 The network is rebuilt as a graph of lazy nodes over the first spatial axis (the axis whose slices
 are contiguous in memory): ``Conv`` (halo k//2; stride-2 downsampling with the encoder's one-sided
