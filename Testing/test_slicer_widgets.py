@@ -89,7 +89,9 @@ class Api:
         return seen
 
     def complete(self, cls: str) -> bool:
-        """False when a base in the class's chain is described in neither file."""
+        """False when the class, or a base in its chain, is described in neither file."""
+        if not self.known(cls):
+            return False
         for name in self.chain(cls):
             entry = self.slicer.get(name) or self.qt.get(name)
             if any(not self.known(base) for base in entry.get("bases", [])):
@@ -140,9 +142,10 @@ class Ui:
     parameters: list[tuple[str, str, str]] = field(default_factory=list)  # (object, class, SlicerParameterName)
 
 
-def read_ui(path: Path) -> Ui:
+def read_ui(path: Path, text: str | None = None) -> Ui:
+    """The .ui file at path (or, given, its text)."""
     ui = Ui(path)
-    root = ET.parse(path).getroot()
+    root = ET.fromstring(text) if text is not None else ET.parse(path).getroot()
     top = root.find("widget")
     ui.root_class = top.get("class")
     for tag in ("widget", "layout", "action"):
@@ -164,6 +167,11 @@ def code_files(module: str) -> list[Path]:
     return [REPO / module / f"{module}.py", *sorted((REPO / module / f"{module}Lib").glob("*.py"))]
 
 
+def source(path: Path, sources: dict[Path, str] | None) -> str:
+    """The file's text, or the text given for it in sources (the self-test's altered copies)."""
+    return sources[path] if sources and path in sources else path.read_text(encoding="utf-8")
+
+
 # ---- the code: which class each expression is
 
 
@@ -179,7 +187,7 @@ class CodeScan:
     """Every ``self.ui.NAME``, connect, property assignment and method call in one module's code, with
     the class of the object it is made on where that can be told."""
 
-    def __init__(self, module: str, ui: Ui, api: Api) -> None:
+    def __init__(self, module: str, ui: Ui, api: Api, sources: dict[Path, str] | None = None) -> None:
         self.ui, self.api = ui, api
         self.ui_names: list[tuple[str, str]] = []  # (where, NAME)
         self.string_connects: list[tuple[str, str | None, str, str]] = []  # (where, class, signature, receiver)
@@ -188,7 +196,7 @@ class CodeScan:
         self.calls: list[tuple[str, str, str]] = []  # (where, class, method)
         self.reads: list[tuple[str, str, str]] = []  # (where, class, attribute read, not called)
         for path in code_files(module):
-            tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+            tree = ast.parse(source(path, sources), filename=str(path))
             self._scan_module(tree, path.relative_to(REPO))
 
     # -- class resolution
@@ -327,11 +335,12 @@ def _parameter(annotation: ast.AST) -> Parameter:
     return Parameter(names[0] if len(names) == 1 else "Union", names, notes)
 
 
-def parameter_classes(module: str) -> tuple[dict[str, dict[str, Parameter]], dict[str, dict[str, Parameter]], set]:
+def parameter_classes(module: str, sources: dict[Path, str] | None = None
+                      ) -> tuple[dict[str, dict[str, Parameter]], dict[str, dict[str, Parameter]], set]:
     """(parameter node classes, parameter pack classes, enum class names), each class: name -> Parameter."""
     nodes, packs, enums = {}, {}, set()
     for path in code_files(module):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in ast.walk(ast.parse(source(path, sources))):
             if not isinstance(node, ast.ClassDef):
                 continue
             if any(_dotted(b).split(".")[-1] in ("Enum", "IntEnum", "StrEnum") for b in node.bases):
@@ -396,18 +405,33 @@ def api() -> Api:
     return Api(json.loads(path.read_text(encoding="utf-8")), json.loads(QT_FILE.read_text(encoding="utf-8")))
 
 
-@pytest.fixture(scope="module", params=MODULES)
-def module(request, api):
-    name = request.param
+@dataclass
+class Module:
+    """One module as the checks see it: its .ui objects, its code's uses, its parameter node."""
+
+    name: str
+    ui: Ui
+    scan: CodeScan
+    parameters: tuple
+
+
+def load_module(name: str, api: Api, sources: dict[Path, str] | None = None) -> Module:
+    """The module's .ui files (one namespace, as childWidgetVariables of each loaded .ui gives) and code;
+    sources: altered texts to read instead of some files (the self-test)."""
     uis = sorted((REPO / name / "Resources" / "UI").glob("*.ui"))
     assert uis, f"{name} has no .ui file"
-    ui = read_ui(uis[0])
-    for other in uis[1:]:  # one namespace per module (childWidgetVariables of each loaded .ui)
-        extra = read_ui(other)
+    ui = read_ui(uis[0], source(uis[0], sources))
+    for other in uis[1:]:
+        extra = read_ui(other, source(other, sources))
         ui.objects.update(extra.objects)
         ui.properties += extra.properties
         ui.parameters += extra.parameters
-    return name, ui, CodeScan(name, ui, api)
+    return Module(name, ui, CodeScan(name, ui, api, sources), parameter_classes(name, sources))
+
+
+@pytest.fixture(scope="module", params=MODULES)
+def module(request, api) -> Module:
+    return load_module(request.param, api)
 
 
 def report(name: str, what: str, checked: int, failures: list[str]) -> None:
@@ -416,35 +440,27 @@ def report(name: str, what: str, checked: int, failures: list[str]) -> None:
     assert not failures, f"{name}: {len(failures)} wrong {what}:\n  " + "\n  ".join(failures)
 
 
-# ---- the checks
+# ---- the checks: each returns (how many things it checked, what is wrong)
 
 
-def test_ui_classes_are_qt_or_designer_plugins(module, api):
-    """Every class a .ui names is Qt's own or one of Slicer's/CTK's Designer plugins (anything else is
-    not created when the .ui loads)."""
-    name, ui, _ = module
+def check_classes(m: Module, api: Api) -> tuple[int, list[str]]:
     failures = []
-    for obj, cls in ui.objects.items():
+    for obj, cls in m.ui.objects.items():
         if cls not in api.qt and cls not in api.designer_plugins:
             known = "a Slicer/CTK class without a Designer plugin" if cls in api.slicer else "an unknown class"
-            failures.append(f"{ui.path.name}: {obj} is a {cls}: {known}")
-    report(name, "widget/layout classes", len(ui.objects), failures)
+            failures.append(f"{m.ui.path.name}: {obj} is a {cls}: {known}")
+    return len(m.ui.objects), failures
 
 
-def test_self_ui_names_exist(module, api):
-    """Every ``self.ui.NAME`` the code uses is an object of the module's .ui."""
-    name, ui, scan = module
-    failures = [f"{where}: self.ui.{attr} is not in {ui.path.name}" for where, attr in scan.ui_names
-                if attr not in ui.objects]
-    report(name, "self.ui names", len(scan.ui_names), failures)
+def check_ui_names(m: Module, api: Api) -> tuple[int, list[str]]:
+    failures = [f"{where}: self.ui.{attr} is not in {m.ui.path.name}" for where, attr in m.scan.ui_names
+                if attr not in m.ui.objects]
+    return len(m.scan.ui_names), failures
 
 
-def test_connected_signals_exist(module, api):
-    """Every ``connect("signal(Types)", ...)`` names a signal (or its clone) of the receiver's class or
-    its bases, and every ``widget.signal.connect(...)`` a signal name."""
-    name, ui, scan = module
+def check_signals(m: Module, api: Api) -> tuple[int, list[str]]:
     failures = []
-    for where, cls, signature, receiver in scan.string_connects:
+    for where, cls, signature, receiver in m.scan.string_connects:
         if cls is None:
             failures.append(f"{where}: {receiver}.connect({signature!r}): the receiver's class cannot be told "
                             "from the code (use self.ui.NAME or assign it from its constructor)")
@@ -453,53 +469,37 @@ def test_connected_signals_exist(module, api):
             same = sorted(s for s in api.signals(cls) if method_name(s) == method_name(normalise(signature)))
             hint = f" (it has {', '.join(same)})" if same else ""
             failures.append(f"{where}: {receiver} is a {cls}, which has no signal {signature!r}{hint}")
-    for where, cls, signal in scan.attribute_connects:
+    for where, cls, signal in m.scan.attribute_connects:
         if signal not in {method_name(s) for s in api.signals(cls)} and api.complete(cls):
             failures.append(f"{where}: a {cls} has no signal {signal!r}")
-    report(name, "connections", len(scan.string_connects) + len(scan.attribute_connects), failures)
+    return len(m.scan.string_connects) + len(m.scan.attribute_connects), failures
 
 
-def test_properties_exist(module, api):
-    """Every property a .ui sets (not the dynamic ones, stdset="0") and every attribute the code assigns
-    (or reads) on a widget of known class is a Q_PROPERTY of that class or its bases (PythonQt turns a misspelt one
-    into a Python attribute that does nothing)."""
-    name, ui, scan = module
+def check_properties(m: Module, api: Api) -> tuple[int, list[str]]:
     failures = []
-    for obj, cls, prop in ui.properties:
-        if prop not in api.properties(cls):
-            failures.append(f"{ui.path.name}: {obj} ({cls}) has no property {prop!r}")
-    for where, cls, prop in scan.assignments:
+    for obj, cls, prop in m.ui.properties:
+        if prop not in api.properties(cls) and api.complete(cls):
+            failures.append(f"{m.ui.path.name}: {obj} ({cls}) has no property {prop!r}")
+    for where, cls, prop in m.scan.assignments:
         if prop not in api.properties(cls) and api.complete(cls):
             failures.append(f"{where}: a {cls} has no property {prop!r}")
-    for where, cls, prop in scan.reads:  # read, not assigned: a property, or a method/signal passed on
+    for where, cls, prop in m.scan.reads:  # read, not assigned: a property, or a method/signal passed on
         if prop not in api.properties(cls) and prop not in api.callables(cls) and api.complete(cls):
             failures.append(f"{where}: a {cls} has no property {prop!r}")
-    settings = [*ui.properties, *scan.assignments, *scan.reads]
-    slicer_ctk = sum(1 for _, cls, _ in settings if cls in api.slicer)
-    print(f"\n{name}: {len(ui.properties)} in the .ui, {len(scan.assignments)} assigned and {len(scan.reads)} read "
-          f"in the code; {slicer_ctk} of them on Slicer/CTK classes")
-    report(name, "properties (.ui + code)", len(settings), failures)
+    return len(m.ui.properties) + len(m.scan.assignments) + len(m.scan.reads), failures
 
 
-def test_called_methods_exist(module, api):
-    """Every method the code calls on a widget of known class exists: for Slicer's/CTK's classes a slot,
-    invokable or signal (PythonQt exposes nothing else of theirs) or a method of a Qt base; for Qt's a
-    public method."""
-    name, ui, scan = module
+def check_methods(m: Module, api: Api) -> tuple[int, list[str]]:
     failures = [f"{where}: a {cls} has no method {method!r}() that Python can call"
-                for where, cls, method in scan.calls if method not in api.callables(cls) and api.complete(cls)]
-    report(name, "method calls", len(scan.calls), failures)
+                for where, cls, method in m.scan.calls if method not in api.callables(cls) and api.complete(cls)]
+    return len(m.scan.calls), failures
 
 
-def test_parameter_bindings(module, api):
-    """Every ``SlicerParameterName`` of the .ui names a parameter of the module's parameter node (a
-    dotted name walks into a parameter pack) and its widget class has a GUI connector for that
-    parameter's type, with the annotations the connector needs (Choice for combo boxes, bounds for sliders)."""
-    name, ui, _ = module
-    nodes, packs, enums = parameter_classes(name)
-    assert nodes, f"{name}: no @parameterNodeWrapper class found"
+def check_bindings(m: Module, api: Api) -> tuple[int, list[str]]:
+    nodes, packs, enums = m.parameters
+    assert nodes, f"{m.name}: no @parameterNodeWrapper class found"
     failures = []
-    for obj, cls, parameter_name in ui.parameters:
+    for obj, cls, parameter_name in m.ui.parameters:
         found = []
         for node_name, members in nodes.items():
             scope, parameter = members, None
@@ -511,12 +511,107 @@ def test_parameter_bindings(module, api):
             if parameter is not None:
                 found.append((node_name, parameter))
         if not found:
-            failures.append(f"{ui.path.name}: {obj} ({cls}) is bound to {parameter_name!r}, "
+            failures.append(f"{m.ui.path.name}: {obj} ({cls}) is bound to {parameter_name!r}, "
                             f"which is not a parameter of {', '.join(nodes)}")
             continue
         for node_name, parameter in found:
             problem = binding_problems(cls, parameter, api, enums)
             if problem:
-                failures.append(f"{ui.path.name}: {obj} ({cls}) bound to {node_name}.{parameter_name} "
+                failures.append(f"{m.ui.path.name}: {obj} ({cls}) bound to {node_name}.{parameter_name} "
                                 f"({parameter.base}): {problem}")
-    report(name, "parameter bindings", len(ui.parameters), failures)
+    return len(m.ui.parameters), failures
+
+
+# ---- the tests
+
+
+def test_ui_classes_are_qt_or_designer_plugins(module, api):
+    """Every class a .ui names is Qt's own or one of Slicer's/CTK's Designer plugins (anything else is
+    not created when the .ui loads)."""
+    report(module.name, "widget/layout classes", *check_classes(module, api))
+
+
+def test_self_ui_names_exist(module, api):
+    """Every ``self.ui.NAME`` the code uses is an object of the module's .ui."""
+    report(module.name, "self.ui names", *check_ui_names(module, api))
+
+
+def test_connected_signals_exist(module, api):
+    """Every ``connect("signal(Types)", ...)`` names a signal (or its clone) of the receiver's class or
+    its bases, and every ``widget.signal.connect(...)`` a signal name."""
+    report(module.name, "connections", *check_signals(module, api))
+
+
+def test_properties_exist(module, api):
+    """Every property a .ui sets (not the dynamic ones, stdset="0") and every attribute the code assigns
+    (or reads) on a widget of known class is a Q_PROPERTY of that class or its bases (PythonQt turns a
+    misspelt one into a Python attribute that does nothing)."""
+    m = module
+    slicer_ctk = sum(1 for _, cls, _ in [*m.ui.properties, *m.scan.assignments, *m.scan.reads] if cls in api.slicer)
+    print(f"\n{m.name}: {len(m.ui.properties)} in the .ui, {len(m.scan.assignments)} assigned and "
+          f"{len(m.scan.reads)} read in the code; {slicer_ctk} of them on Slicer/CTK classes")
+    report(m.name, "properties (.ui + code)", *check_properties(m, api))
+
+
+def test_called_methods_exist(module, api):
+    """Every method the code calls on a widget of known class exists: for Slicer's/CTK's classes a slot,
+    invokable or signal (PythonQt exposes nothing else of theirs) or a method of a Qt base; for Qt's a
+    public method."""
+    report(module.name, "method calls", *check_methods(module, api))
+
+
+def test_parameter_bindings(module, api):
+    """Every ``SlicerParameterName`` of the .ui names a parameter of the module's parameter node (a
+    dotted name walks into a parameter pack) and its widget class has a GUI connector for that
+    parameter's type, with the annotations the connector needs (Choice for combo boxes, bounds for sliders)."""
+    report(module.name, "parameter bindings", *check_bindings(module, api))
+
+
+def _line(where: str) -> int:
+    return int(where.split(":")[1].split(" ")[0])
+
+
+def _alter_line(text: str, line: int, old: str, new: str) -> str:
+    lines = text.splitlines(keepends=True)
+    assert old in lines[line - 1], (line, old)
+    lines[line - 1] = lines[line - 1].replace(old, new, 1)
+    return "".join(lines)
+
+
+def test_checks_catch_deliberate_mistakes(api):
+    """The checks fail on a copy of MAISIGenerate with four mistakes PythonQt would let pass silently,
+    chosen from what the module really uses (so this keeps working as the module changes): a wrong
+    signature in a connect to a Slicer/CTK widget, a self.ui name not in the .ui, a misspelt property
+    in the .ui on a Slicer/CTK widget, a SlicerParameterName that is no parameter."""
+    real = load_module("MAISIGenerate", api)
+    code_path = code_files("MAISIGenerate")[0]
+    ui_path = real.ui.path
+    code, ui_text = code_path.read_text(encoding="utf-8"), ui_path.read_text(encoding="utf-8")
+
+    where, cls, signature, receiver = next(c for c in real.scan.string_connects
+                                           if c[1] in api.slicer and api.complete(c[1]))
+    wrong_signature = method_name(signature) + "(QObject*,QObject*)"
+    code = _alter_line(code, _line(where), f'"{signature}"', f'"{wrong_signature}"')
+    connect_lines = {_line(c[0]) for c in real.scan.string_connects}
+    ui_where, ui_name = next(u for u in real.scan.ui_names if _line(u[0]) not in connect_lines)
+    code = _alter_line(code, _line(ui_where), f"self.ui.{ui_name}", f"self.ui.{ui_name}Typo")
+    obj, prop_cls, prop = next(p for p in real.ui.properties if p[1] in api.slicer and p[0] != real.ui.root_class)
+    ui_text = ui_text.replace(f'<widget class="{prop_cls}" name="{obj}">\n', f'<widget class="{prop_cls}" name="{obj}">\n'
+                              f'<property name="{prop}Typo"><bool>true</bool></property>\n', 1)
+    bound_obj, _, parameter_name = real.ui.parameters[0]
+    ui_text = ui_text.replace(f"<string>{parameter_name}</string>", f"<string>{parameter_name}Typo</string>", 1)
+
+    altered = load_module("MAISIGenerate", api, {code_path: code, ui_path: ui_text})
+    expected = {
+        check_signals: f"{receiver} is a {cls}, which has no signal '{wrong_signature}'",
+        check_ui_names: f"self.ui.{ui_name}Typo is not in {ui_path.name}",
+        check_properties: f"{obj} ({prop_cls}) has no property '{prop}Typo'",
+        check_bindings: f"{bound_obj} (", }
+    # Each check finds its one new mistake (and only it: the module's own state is the other tests' job).
+    for check, message in expected.items():
+        before, after = check(real, api)[1], check(altered, api)[1]
+        new = [f for f in after if f not in before]
+        assert len(after) == len(before) + 1 and len(new) == 1 and message in new[0], (check.__name__, new)
+    assert any(f"'{parameter_name}Typo', which is not a parameter" in f for f in check_bindings(altered, api)[1])
+    for check in (check_classes, check_methods):
+        assert check(altered, api)[1] == check(real, api)[1], check.__name__
