@@ -8,11 +8,14 @@ Regenerate the file (only when an option is removed or renamed on purpose) with
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 from pathlib import Path
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "cli_options.json"
+CLI = Path(__file__).resolve().parent.parent / "MAISICore" / "maisicore" / "cli"
+MAX_FUNCTION_LINES = 80
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -78,6 +81,30 @@ def test_top_level_help_lists_every_command(maisi):
     assert golden <= set(commands)
     listed = {line.split()[0] for line in result.stdout.splitlines() if line.startswith("    ") and line.split()}
     assert set(commands) <= listed, f"missing from `maisi --help`: {sorted(set(commands) - listed)}"
+
+
+def test_the_console_script_and_the_package_list_name_the_cli_package():
+    import tomllib
+
+    import maisicore.cli
+
+    project = tomllib.loads((CLI.parent.parent / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["maisi"] == "maisicore.cli:main" and callable(maisicore.cli.main)
+    assert "maisicore.cli" in project["tool"]["setuptools"]["packages"]
+
+
+def test_no_function_of_the_command_line_is_longer_than_80_lines():
+    """Options live next to their command's handler, in small functions (``maisicore/cli/*.py``)."""
+    files = sorted(CLI.glob("*.py"))
+    assert {"__init__.py", "common.py", "generate.py"} <= {f.name for f in files}
+    long = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                if node.end_lineno - first + 1 > MAX_FUNCTION_LINES:
+                    long.append(f"{path.name}:{node.lineno} {node.name}: {node.end_lineno - first + 1} lines")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
