@@ -128,3 +128,14 @@ def resolve_precision(precision: str, device, reference_numerics: bool = False) 
     device_type = getattr(device, "type", str(device).partition(":")[0])
     return choose_precision(precision, device_type, cpu_bf16_native() if device_type == "cpu" else None,
                             reference_numerics)
+
+
+def autocast_for(device):
+    """The reference's rule: float16 autocast on CUDA, nothing (float32) elsewhere (a torch device)."""
+    import contextlib
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()

@@ -431,16 +431,6 @@ def check_dicom_output(path: str | os.PathLike, what: str = "--out") -> Path:
     return path
 
 
-def check_output(path: str | os.PathLike, output_format: str | None, what: str = "--out") -> Path:
-    """Check an output before any compute: a new folder for ``output_format == "dicom"``, else a
-    volume file (``maisicore.io.volumes.check_output_path``)."""
-    if output_format == "dicom":
-        return check_dicom_output(path, what)
-    from .volumes import check_output_path
-
-    return check_output_path(path, what)
-
-
 _PATIENT_STUDY = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "PatientAge",
                   "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
                   "ReferringPhysicianName", "StudyDescription")

@@ -13,24 +13,17 @@ mapped linearly). Methods:
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Sequence
 
 import torch
 
 from ..devices import check_decode_method
 from ..errors import InputError
+from ..precision import autocast_for  # the precision rule; callers import it from here too
 
 DECODERS = ("exact", "sliding-window", "plain")
 SLIDING_WINDOW = (48, 48, 48)  # latent voxels (reference config_infer.json)
 SLIDING_OVERLAP = 0.6666
-
-
-def autocast_for(device: torch.device):
-    """Float16 autocast on CUDA (reference), nothing (float32) elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
 
 
 @torch.no_grad()

@@ -881,7 +881,7 @@ def decode_exact(
     _, output = decoder_graph(autoencoder, latents.detach().to("cpu", torch.float32))
 
     def whole() -> torch.Tensor:
-        from .decode import autocast_for
+        from ..precision import autocast_for
 
         network = autoencoder
         if devices and _module_device(autoencoder) not in (None, device):  # --devices elsewhere than the model
