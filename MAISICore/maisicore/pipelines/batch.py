@@ -5,7 +5,9 @@ in the request format (``maisicore.pipelines.requests``: ``{"kind": "generate" |
 ``kind`` defaults to generate) plus two batch fields: ``count`` (copies of the line, default 1) and
 ``id`` (the case name stem, default ``itemNNNN`` from the line number). Paths are relative to the
 manifest's folder. Outputs (``out``, ``label_out``, ``preview``, ``format``) and ``device`` are chosen
-by the batch and refused in a line.
+by the batch and refused in a line. ``prepare_batch`` checks the whole batch before any work: every
+line prepared as its worker would (inputs read and checked, memory admission), every input of every
+line and the manifest against every file the batch writes (one-line ``InputError``, nothing written).
 
 Every case has a stable id ``ID-CCC`` (CCC: copy number) and a seed derived from (the line's ``seed``
 or ``--seed``, line index, copy number), so its bytes do not depend on how many workers ran or in
