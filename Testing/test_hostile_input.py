@@ -317,6 +317,25 @@ def test_batch_refuses_a_line_whose_input_is_a_file_of_the_batch(inputs, tiny_we
              [f"{manifest} line 1: mask", "summary.json"], tmp_path, inputs[0])
 
 
+def test_batch_refuses_a_case_that_would_replace_a_candidate_mask(inputs, tiny_weights, tmp_path, maisi):
+    """Line 1 picks its mask from a database whose candidate is the file its own labels would be
+    written to (--out/labels/a-000.nii.gz): refused, the candidate unchanged."""
+    out = tmp_path / "set"
+    (out / "labels").mkdir(parents=True)
+    candidate = out / "labels" / "a-000.nii.gz"
+    candidate.write_bytes(inputs[1]["labels"].read_bytes())
+    (tmp_path / "db.json").write_text(json.dumps([{"pseudo_label_filename": "a-000.nii.gz", "label_list": [1, 200],
+                                                   "dim": [32, 32, 32], "spacing": [4.0, 4.0, 4.0]}]))
+    line = _generate_line(tiny_weights["rflow-ct"], id="a", anatomy=["liver"], mask_db="db.json",
+                          mask_dir=str(out / "labels"))
+    manifest = tmp_path / "cases.jsonl"
+    manifest.write_text(json.dumps(line) + "\n")
+    digest = _sha(candidate)
+    _refused(maisi, ["batch", manifest, "--out", out, "--device", "cpu"],
+             [f"{manifest} line 1: mask_db candidate", "is the output of line 1 (case a-000)"], tmp_path)
+    assert _sha(candidate) == digest
+
+
 @pytest.mark.parametrize("cells", ["extra", "missing"])
 def test_batch_refuses_a_csv_row_whose_cells_do_not_match_the_header(cells, inputs, tiny_weights, tmp_path, maisi):
     """csv.DictReader drops a row's extra cell (here the mask) and fills missing ones with None: refused."""

@@ -645,8 +645,20 @@ def _check_paths(items: list[BatchItem], layout: Layout, manifest: Path) -> None
         raise InputError(f"manifest {manifest} is {clash[0]}; an output never replaces an input: "
                          "use another --out folder")
     keys: dict[str, set] = {}  # lines often share inputs (a weight folder, a CT)
+    databases: dict = {}  # (mask_db, mask_dir) -> its candidate masks
     for item in {i.index: i for i in items}.values():  # copies share their line's inputs
-        for name, path in _line_inputs(item).items():
+        inputs = list(_line_inputs(item).items())
+        if item.request.get("anatomy") and item.request.get("mask_db"):
+            from ..anatomy.maskdb import load_database
+
+            source = (item.request["mask_db"], item.request.get("mask_dir"))
+            if source not in databases:
+                try:
+                    databases[source] = [str(c.path) for c in load_database(*source)]
+                except InputError as exc:
+                    raise InputError(f"{manifest} line {item.line}: {exc}") from exc
+            inputs += [("mask_db candidate", path) for path in databases[source]]
+        for name, path in inputs:
             if path not in keys:
                 keys[path] = file_keys(path)
             clash = next((writes[key] for key in keys[path] if key in writes), None)
