@@ -23,7 +23,7 @@ def file_keys(path: str | os.PathLike, parent: Path | None = None) -> set:
     intersect, as ``_same_file`` decides for a pair. ``parent``: ``path``'s folder already resolved
     (many files of one folder resolve one folder once). ``FOLDER#UID`` counts as FOLDER."""
     path = Path(path)
-    if not path.exists() and "#" in str(path):
+    if "#" in str(path) and not path.exists():
         path = Path(str(path).split("#")[0])
     keys: set = {str(parent / path.name) if parent is not None else str(path.resolve())}
     try:
