@@ -251,3 +251,157 @@ def test_maisi_run_reports_refusals_as_an_error_event(tiny_weights, tmp_path):
     assert proc.returncode == 2 and events[-1]["event"] == "error" and events[-1]["code"] == 2
     assert "ask for a smaller --size" in events[-1]["message"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+# ---- maisi batch and maisi run: every line and every path checked before any work ----------------------------
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """Relative path → sha256 of every file under ``folder``."""
+    return {str(p.relative_to(folder)): _sha(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _generate_line(weights, **fields) -> dict:
+    return {"kind": "generate", "model": "rflow-ct", "weights_dir": str(weights), "size": [32, 32, 32],
+            "spacing": [4.0, 4.0, 4.0], "allow_any_size": True, "steps": 1, **fields}
+
+
+def _inpaint_line(weights, image, **fields) -> dict:
+    return {"kind": "inpaint", "model": "rflow-ct", "weights_dir": str(weights), "image": str(image),
+            "tumor_type": "hepatic tumor", "tumor_center": [60.0, 60.0, 60.0], "tumor_diameter": 10.0, "steps": 1,
+            **fields}
+
+
+def _refused(maisi, args, expected: list[str], *folders: Path) -> str:
+    """Run ``maisi ARGS``; assert exit 2, one stderr line holding every ``expected`` text, and every
+    file under ``folders`` byte for byte as before, nothing added (a missing folder stays missing)."""
+    before = {folder: _tree(folder) if folder.exists() else None for folder in folders}
+    result = maisi(*args)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("note: ")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for text in expected:
+        assert text in lines[0], lines[0]
+    assert {folder: _tree(folder) if folder.exists() else None for folder in folders} == before
+    return lines[0]
+
+
+@pytest.mark.parametrize("where", ["last", "middle"])
+def test_batch_refuses_a_line_whose_input_is_another_line_s_output(where, inputs, tiny_weights, tmp_path, maisi):
+    """The real CT at images/a-000.nii.gz is the input of line 2 and the output of line 1 under
+    --out .: refused before any work naming both lines; the CT is unchanged, nothing written."""
+    weights = tiny_weights["rflow-ct"]
+    (tmp_path / "images").mkdir()
+    real_ct = tmp_path / "images" / "a-000.nii.gz"
+    real_ct.write_bytes(inputs[1]["ct"].read_bytes())
+    lines = [_generate_line(weights, id="a"), _inpaint_line(weights, "images/a-000.nii.gz", id="b")]
+    if where == "middle":
+        lines.append(_generate_line(weights, id="c"))
+    manifest = tmp_path / "cases.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    digest = _sha(real_ct)
+    message = _refused(maisi, ["batch", manifest, "--out", tmp_path, "--device", "cpu"],
+                       [f"{manifest} line 2: image", "is the output of line 1 (case a-000)", "--out"], tmp_path)
+    assert "a-000.nii.gz" in message and _sha(real_ct) == digest
+
+
+def test_batch_refuses_a_line_whose_input_is_a_file_of_the_batch(inputs, tiny_weights, tmp_path, maisi):
+    """A mask at --out/summary.json's place (through a link): the batch would replace it."""
+    out = tmp_path / "set"
+    out.mkdir()
+    (out / "summary.json").symlink_to(inputs[1]["labels"])
+    manifest = tmp_path / "cases.jsonl"
+    manifest.write_text(json.dumps(_generate_line(tiny_weights["rflow-ct"], mask=str(out / "summary.json"))) + "\n")
+    _refused(maisi, ["batch", manifest, "--out", out, "--device", "cpu"],
+             [f"{manifest} line 1: mask", "summary.json"], tmp_path, inputs[0])
+
+
+def test_batch_refuses_a_case_that_would_replace_a_candidate_mask(inputs, tiny_weights, tmp_path, maisi):
+    """Line 1 picks its mask from a database whose candidate is the file its own labels would be
+    written to (--out/labels/a-000.nii.gz): refused, the candidate unchanged."""
+    out = tmp_path / "set"
+    (out / "labels").mkdir(parents=True)
+    candidate = out / "labels" / "a-000.nii.gz"
+    candidate.write_bytes(inputs[1]["labels"].read_bytes())
+    (tmp_path / "db.json").write_text(json.dumps([{"pseudo_label_filename": "a-000.nii.gz", "label_list": [1, 200],
+                                                   "dim": [32, 32, 32], "spacing": [4.0, 4.0, 4.0]}]))
+    line = _generate_line(tiny_weights["rflow-ct"], id="a", anatomy=["liver"], mask_db="db.json",
+                          mask_dir=str(out / "labels"))
+    manifest = tmp_path / "cases.jsonl"
+    manifest.write_text(json.dumps(line) + "\n")
+    digest = _sha(candidate)
+    _refused(maisi, ["batch", manifest, "--out", out, "--device", "cpu"],
+             [f"{manifest} line 1: mask_db candidate", "is the output of line 1 (case a-000)"], tmp_path)
+    assert _sha(candidate) == digest
+
+
+@pytest.mark.parametrize("cells", ["extra", "missing"])
+def test_batch_refuses_a_csv_row_whose_cells_do_not_match_the_header(cells, inputs, tiny_weights, tmp_path, maisi):
+    """csv.DictReader drops a row's extra cell (here the mask) and fills missing ones with None: refused."""
+    header = "id,model,weights_dir,size,spacing,allow_any_size,steps"
+    row = f"a,rflow-ct,{tiny_weights['rflow-ct']},32 32 32,4 4 4,true,1"
+    if cells == "extra":
+        text = f"{header}\n{row},{inputs[1]['labels']}\n"
+        expected = ["line 2", "8 cells", "header has 7"]
+    else:
+        text = f"{header},mask\n{row}\n"
+        expected = ["line 2", "7 cells", "header has 8"]
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(text)
+    out = tmp_path / "set"
+    _refused(maisi, ["batch", manifest, "--out", out, "--device", "cpu"], expected, tmp_path, inputs[0])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("mask", ["nan_ct", "garbage"])
+def test_batch_refuses_a_bad_mask_on_its_last_line_before_any_work(mask, inputs, tiny_weights, tmp_path, maisi):
+    """Every line's inputs are read and checked before the first item runs: line 1 is fine, line 2's
+    mask has NaN voxels (or is not a volume); exit 2 and nothing written, not line 1's case either."""
+    weights = tiny_weights["rflow-ct"]
+    path = inputs[1]["nan_ct"]
+    if mask == "garbage":
+        path = tmp_path / "garbage.nii.gz"
+        path.write_bytes(b"not a volume at all")
+    manifest = tmp_path / "cases.jsonl"
+    manifest.write_text(json.dumps(_generate_line(weights, id="a")) + "\n"
+                        + json.dumps(_generate_line(weights, id="b", mask=str(path), count=2)) + "\n")
+    out = tmp_path / "set"
+    _refused(maisi, ["batch", manifest, "--out", out, "--device", "cpu"], [f"{manifest} line 2"], tmp_path, inputs[0])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["out = mask (link)", "label_out = previous_labels", "out = update",
+                                  "out = candidate mask"])
+def test_maisi_run_refuses_a_request_whose_output_is_its_input(case, inputs, tiny_weights, tmp_path, maisi):
+    """`maisi run REQUEST.json`: an output naming one of the request's inputs, through a link, the
+    previous CT and labels of an update, or a candidate mask of --mask-db, is refused; nothing written."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    mask, ct = folder / "mask.nii.gz", folder / "previous.nii.gz"
+    mask.write_bytes(inputs[1]["labels"].read_bytes())
+    ct.write_bytes(inputs[1]["ct"].read_bytes())
+    weights = tiny_weights["rflow-ct"]
+    request = _generate_line(weights, mask=str(mask), size=None, spacing=None)
+    request = {k: v for k, v in request.items() if v is not None}
+    if case == "out = mask (link)":
+        (folder / "link.nii.gz").symlink_to(mask)
+        request["out"], expected = str(folder / "link.nii.gz"), "is the input --mask"
+    elif case == "label_out = previous_labels":
+        request.update(mask=str(inputs[1]["labels"]), update=str(ct), previous_labels=str(mask),
+                       out=str(tmp_path / "new.nii.gz"), label_out=str(mask))
+        expected = "is the input --previous-labels"
+    elif case == "out = update":
+        request.update(update=str(ct), previous_labels=str(inputs[1]["labels"]), out=str(ct))
+        expected = "is the input --update"
+    else:
+        (folder / "db.json").write_text(json.dumps([{"pseudo_label_filename": "mask.nii.gz", "label_list": [1, 200],
+                                                     "dim": [32, 32, 32], "spacing": [4.0, 4.0, 4.0]}]))
+        del request["mask"]
+        request.update(anatomy=["liver"], mask_db=str(folder / "db.json"), size=[32, 32, 32], spacing=[4.0, 4.0, 4.0],
+                       out=str(mask))
+        expected = "candidate mask"
+    path = tmp_path / "request.json"
+    path.write_text(json.dumps(request))
+    _refused(maisi, ["run", path], [expected], folder, inputs[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "request.json"]

@@ -5,7 +5,9 @@ in the request format (``maisicore.pipelines.requests``: ``{"kind": "generate" |
 ``kind`` defaults to generate) plus two batch fields: ``count`` (copies of the line, default 1) and
 ``id`` (the case name stem, default ``itemNNNN`` from the line number). Paths are relative to the
 manifest's folder. Outputs (``out``, ``label_out``, ``preview``, ``format``) and ``device`` are chosen
-by the batch and refused in a line.
+by the batch and refused in a line. ``prepare_batch`` checks the whole batch before any work: every
+line prepared as its worker would (inputs read and checked, memory admission), every input of every
+line and the manifest against every file the batch writes (one-line ``InputError``, nothing written).
 
 Every case has a stable id ``ID-CCC`` (CCC: copy number) and a seed derived from (the line's ``seed``
 or ``--seed``, line index, copy number), so its bytes do not depend on how many workers ran or in
@@ -67,6 +69,7 @@ class BatchItem:
     copy: int
     seed: int
     request: dict
+    line: int = field(default=0, compare=False)  # its number in the manifest file (for messages)
 
     def build(self, device: str, out: Path | None = None, label_out: Path | None = None):
         """The request to run, with this worker's device and the outputs."""
@@ -124,8 +127,9 @@ def _csv_value(cls, name: str, text: str, where: str):
     return text
 
 
-def _manifest_rows(path: Path) -> list[tuple[str, dict]]:
-    """(where, row) for each request line of a JSON-lines or CSV manifest."""
+def _manifest_rows(path: Path) -> list[tuple[int, str, dict]]:
+    """(line number, where, row) for each request line of a JSON-lines or CSV manifest; a CSV row
+    with more or fewer cells than the header is refused (``csv.DictReader`` would drop or blank them)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -133,19 +137,24 @@ def _manifest_rows(path: Path) -> list[tuple[str, dict]]:
     rows = []
     if path.suffix.lower() == ".csv":
         reader = csv.DictReader(text.splitlines())
-        for number, row in enumerate(reader, start=2):
+        for row in reader:
+            number = reader.line_num
             where = f"{path} line {number}"
+            if None in row or None in row.values():
+                cells = len(reader.fieldnames) + len(row.get(None) or ()) - sum(v is None for v in row.values())
+                raise InputError(f"{where}: {cells} cells but the header has {len(reader.fieldnames)}; give every "
+                                 "row one cell per header column (empty cells for fields left out)")
             kind = (row.get("kind") or "generate").strip()
             cls = {"generate": GenerateRequest, "inpaint": InpaintRequest}.get(kind, GenerateRequest)
-            rows.append((where, {k.strip(): _csv_value(cls, k.strip(), v, where)
-                                 for k, v in row.items() if k and v is not None and v.strip()}))
+            rows.append((number, where, {k.strip(): _csv_value(cls, k.strip(), v, where)
+                                         for k, v in row.items() if k and v.strip()}))
         return rows
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         where = f"{path} line {number}"
         try:
-            rows.append((where, json.loads(line)))
+            rows.append((number, where, json.loads(line)))
         except ValueError as exc:
             raise InputError(f"{where}: not valid JSON ({exc}); the manifest is one JSON object per line") from exc
     return rows
@@ -165,7 +174,7 @@ def read_manifest(path: str | os.PathLike, base_seed: int = 0) -> list[BatchItem
     rows = _manifest_rows(path)
     if not rows:
         raise InputError(f"manifest {path}: no requests in it (one JSON object per line, or CSV with a header)")
-    for index, (where, row) in enumerate(rows):
+    for index, (number, where, row) in enumerate(rows):
         if not isinstance(row, dict):
             raise InputError(f"{where}: must be a JSON object (a request with a \"kind\")")
         data = dict(row)
@@ -199,7 +208,7 @@ def read_manifest(path: str | os.PathLike, base_seed: int = 0) -> list[BatchItem
                 raise InputError(f"{where}: {option.lstrip('-').replace('-', '_')} {name}: no such file or folder")
         clean = {k: v for k, v in request.to_dict().items() if k not in CHOSEN_BY_BATCH and k != "seed"}
         for copy in range(count):
-            items.append(BatchItem(f"{line_id}-{copy:03d}", index, copy, item_seed(base, index, copy), clean))
+            items.append(BatchItem(f"{line_id}-{copy:03d}", index, copy, item_seed(base, index, copy), clean, number))
     return items
 
 
@@ -589,36 +598,104 @@ def prepare_batch(manifest: str | os.PathLike, out_dir: str | os.PathLike, optio
                              "or anatomy (or use --format nifti)")
     if options.qc and any(i.request["kind"] == "generate" and not i.labelled for i in items):
         raise InputError("--qc checks organs of a mask: every generate line needs a mask or anatomy")
-    from .safety import check_distinct
-
-    manifest_path = Path(manifest)
-    own = [out / STATUS, out / SUMMARY, out / MONTAGE, *layout.index_files()]
-    check_distinct({f"--out {p.name}": str(p) for p in own}, {"MANIFEST": str(manifest_path)})
-    for item in items[:1] + items[-1:]:
-        paths = {"image": str(layout.image(item.id)), "label": str(layout.label(item.id))}
-        check_distinct(paths, {**item.build("cpu").input_paths(), "MANIFEST": str(manifest_path)})
-    _check_memory(items, options.device)
+    _check_paths(items, layout, Path(manifest))
+    _prepare_lines(items, Path(manifest), options.device)
     return items, layout
 
 
-def _check_memory(items: list[BatchItem], device: str) -> None:
-    """Refuse, before any work, a generate line whose estimated peak memory does not fit (as
-    `maisi generate` does); copies of a line differ only by seed, so each line is checked once.
-    A line whose inputs cannot be read is left to its worker, which records it as failed."""
+def _line_inputs(item: BatchItem) -> dict[str, str]:
+    """Field name → path of every file or folder the item's line reads (the request's inputs,
+    its weight and mask folders)."""
+    from .requests import REQUEST_TYPES
+
+    data = item.request  # checked by read_manifest: no second pass through request_from_dict
+    request = REQUEST_TYPES[data["kind"]](**{k: v for k, v in data.items() if k != "kind"})
+    named = {option.lstrip("-").replace("-", "_"): path for option, path in request.input_paths().items()}
+    for name in ("weights_dir", "mask_dir"):
+        if getattr(request, name, None):
+            named[name] = getattr(request, name)
+    return named
+
+
+def _check_paths(items: list[BatchItem], layout: Layout, manifest: Path) -> None:
+    """Refuse (one line naming the manifest lines) an input of any line, or the manifest, that is a
+    file the batch writes: any item's image or labels, the index files, status.jsonl, summary.json,
+    montage.png. Resolved paths and (device, inode) keys in one dict, so links count and 10,000
+    items cost one pass (no pairs)."""
+    from .safety import file_keys
+
+    writes: dict = {}  # key -> (what, item or None)
+    for path in [layout.root / STATUS, layout.root / SUMMARY, layout.root / MONTAGE, *layout.index_files()]:
+        for key in file_keys(path):
+            writes.setdefault(key, (f"the batch's {path.name} in --out", None))
+    folders = {}  # folder -> (resolved once, names in it): one listing instead of a stat per case
+    for folder in layout.folders():
+        folders[folder] = (folder.resolve(), set(os.listdir(folder)) if folder.is_dir() else set())
+    for item in items:
+        outputs = [layout.image(item.id)] + ([layout.label(item.id)] if item.labelled else [])
+        for path in outputs:
+            resolved, present = folders[path.parent]
+            what = (f"the output of line {item.line} (case {item.id})", item)
+            writes.setdefault(str(resolved / path.name), what)
+            if path.name in present:  # an existing file (or link): its inode too
+                for key in file_keys(path, resolved):
+                    writes.setdefault(key, what)
+    clash = next((writes[key] for key in file_keys(manifest) if key in writes), None)
+    if clash is not None:
+        raise InputError(f"manifest {manifest} is {clash[0]}; an output never replaces an input: "
+                         "use another --out folder")
+    keys: dict[str, set] = {}  # lines often share inputs (a weight folder, a CT)
+    databases: dict = {}  # (mask_db, mask_dir) -> its candidate masks
+    for item in {i.index: i for i in items}.values():  # copies share their line's inputs
+        inputs = list(_line_inputs(item).items())
+        if item.request.get("anatomy") and item.request.get("mask_db"):
+            from ..anatomy.maskdb import load_database
+
+            source = (item.request["mask_db"], item.request.get("mask_dir"))
+            if source not in databases:
+                try:
+                    databases[source] = [str(c.path) for c in load_database(*source)]
+                except InputError as exc:
+                    raise InputError(f"{manifest} line {item.line}: {exc}") from exc
+            inputs += [("mask_db candidate", path) for path in databases[source]]
+        for name, path in inputs:
+            if path not in keys:
+                keys[path] = file_keys(path)
+            clash = next((writes[key] for key in keys[path] if key in writes), None)
+            if clash is not None:
+                shown = _shown(path, manifest.parent)
+                other = "" if clash[1] is None else " or rename that line's \"id\""
+                raise InputError(f"{manifest} line {item.line}: {name} {shown} is {clash[0]}; an output never "
+                                 f"replaces an input: use another --out folder{other}")
+
+
+def _shown(path: str, folder: Path) -> str:
+    """``path`` as the manifest line wrote it: relative to the manifest's folder when inside it."""
+    try:
+        return str(Path(path).relative_to(folder))
+    except ValueError:
+        return str(path)
+
+
+def _prepare_lines(items: list[BatchItem], manifest: Path, device: str) -> None:
+    """Read and check every line's inputs before any work, as its worker will (generate:
+    ``prepare_generation`` and the memory admission; inpaint: ``prepare_inpaint``); copies of a
+    line differ only by seed, so each line is prepared once. One line naming the manifest line."""
     from ..validation import resolve_device
     from .admission import check_admission
     from .generate import prepare_generation
+    from .inpaint import prepare_inpaint
 
     device_type = resolve_device(device).type
-    for item in {i.index: i for i in items if i.request["kind"] == "generate"}.values():
+    for item in {i.index: i for i in items}.values():
+        request = item.build(device)
         try:
-            prepared = prepare_generation(item.build(device))
-        except InputError:
-            continue
-        try:
-            check_admission(prepared, device_type)
+            if request.kind == "generate":
+                check_admission(prepare_generation(request), device_type)
+            else:
+                prepare_inpaint(request)
         except InputError as exc:
-            raise InputError(f"item {item.id}: {exc}") from exc
+            raise InputError(f"{manifest} line {item.line} (case {item.id}): {exc}") from exc
 
 
 def run_batch(manifest: str | os.PathLike, out_dir: str | os.PathLike, options: BatchOptions | None = None,

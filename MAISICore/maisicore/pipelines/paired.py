@@ -41,7 +41,9 @@ def paired_mask(
             raise InputError(f"--anatomy {name!r}: not a MAISI anatomy name (see `maisi labels list`)")
         anatomy_ids.append(info.id)
     rng = np.random.default_rng(request.seed)
-    candidates = select_candidates(load_database(mask_db, mask_dir), anatomy_ids, request.body_region, size, spacing)
+    database = load_database(mask_db, mask_dir)
+    check_not_candidates(request, database)
+    candidates = select_candidates(database, anatomy_ids, request.body_region, size, spacing)
     if candidates[0][1]:  # several on the exact grid: pick among them at random (seeded)
         order = rng.permutation(len(candidates))
         candidates = [candidates[i] for i in order]
@@ -52,3 +54,22 @@ def paired_mask(
                 log(f"mask from database: {candidate.path.name}{'' if on_grid else ' (resampled)'}")
             return mask
     raise InputError("no candidate mask keeps the requested anatomy after resampling; change --size or --spacing")
+
+
+def check_not_candidates(request: GenerateRequest, database) -> None:
+    """Refuse (one line) an output that names a candidate mask of the database (resolved, links
+    included): a candidate is an input even when another one is picked."""
+    from .safety import file_keys
+
+    outputs = {key: (option, path) for option, path in request.output_paths().items() for key in file_keys(path)}
+    if not outputs:
+        return
+    folders: dict = {}  # one resolve per folder: databases list thousands of files
+    for candidate in database:
+        if candidate.path.parent not in folders:
+            folders[candidate.path.parent] = candidate.path.parent.resolve()
+        parent = folders[candidate.path.parent]
+        clash = next((outputs[key] for key in file_keys(candidate.path, parent) if key in outputs), None)
+        if clash is not None:
+            raise InputError(f"{clash[0]} {clash[1]} is the candidate mask {candidate.path.name} of --mask-db; "
+                             "choose another output file")

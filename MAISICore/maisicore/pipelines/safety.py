@@ -17,6 +17,23 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
+def file_keys(path: str | os.PathLike, parent: Path | None = None) -> set:
+    """What identifies the file ``path`` names: its resolved path and, when it exists, its (device,
+    inode), so two paths name the same file (through links included) exactly when their keys
+    intersect, as ``_same_file`` decides for a pair. ``parent``: ``path``'s folder already resolved
+    (many files of one folder resolve one folder once). ``FOLDER#UID`` counts as FOLDER."""
+    path = Path(path)
+    if "#" in str(path) and not path.exists():
+        path = Path(str(path).split("#")[0])
+    keys: set = {str(parent / path.name) if parent is not None else str(path.resolve())}
+    try:
+        status = os.stat(path)
+    except (OSError, ValueError):
+        return keys
+    keys.add((status.st_dev, status.st_ino))
+    return keys
+
+
 def check_distinct(outputs: dict[str, str], inputs: dict[str, str], folders: set[str] = frozenset()) -> None:
     """Refuse (one line) an output path that names an input or another output; ``outputs`` and
     ``inputs`` map option names to paths (``FOLDER#UID`` inputs count as FOLDER); ``folders``: the
