@@ -35,6 +35,7 @@ from ..models.weights import (
     MODEL_CARD,
     MODELS_SUBDIR,
     init_weights,
+    load_checkpoint,
     read_model_card,
     save_checkpoint,
     weight_file,
@@ -276,7 +277,7 @@ def _train(stage_name, datalist, out, preset, config, init, resume, processes, v
 
     start_step, elapsed_before = 0, 0.0
     if resume:
-        state = torch.load(paths.checkpoint, map_location=processes.device, weights_only=True)
+        state = load_checkpoint(paths.checkpoint, map_location=processes.device)
         start_step, elapsed_before = _restore(stage, state, preset, global_batch, paths.checkpoint)
         log(f"resumed {paths.checkpoint} at step {start_step} of {max_steps}")
     elif stage_name == "diffusion" or (stage_name == "controlnet" and stage.init_scale_factor is None):
