@@ -249,7 +249,7 @@ def train(
 def _train(stage_name, datalist, out, preset, config, init, resume, processes, validation_fold,
            controlnet_from_unet, log, progress) -> RunResult:
     stage_cls = STAGE_CLASSES[stage_name]
-    cases = read_datalist(datalist, needs=stage_cls.needs)
+    cases = read_datalist(datalist, needs=stage_cls.needs, read=stage_cls.needs)  # every file read: before any work
     _check_cases(stage_name, preset, config, cases)
     train_cases, val_cases = _split_cases(cases, validation_fold)
     init = _check_init(init, preset)
