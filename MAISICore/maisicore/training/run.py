@@ -43,7 +43,7 @@ from ..models.weights import (
 from . import distributed
 from .config import TrainConfig
 from .data import SampleSource
-from .datalist import Case, read_datalist
+from .datalist import Case, read_datalist, read_entry_files
 from .stages import ControlNetStage, DiffusionStage, VAEStage, validation_samples
 
 STAGE_CLASSES = {"vae": VAEStage, "diffusion": DiffusionStage, "controlnet": ControlNetStage}
@@ -249,7 +249,7 @@ def train(
 def _train(stage_name, datalist, out, preset, config, init, resume, processes, validation_fold,
            controlnet_from_unet, log, progress) -> RunResult:
     stage_cls = STAGE_CLASSES[stage_name]
-    cases = read_datalist(datalist, needs=stage_cls.needs, read=stage_cls.needs)  # every file read: before any work
+    cases = read_datalist(datalist, needs=stage_cls.needs)
     _check_cases(stage_name, preset, config, cases)
     train_cases, val_cases = _split_cases(cases, validation_fold)
     init = _check_init(init, preset)
@@ -262,6 +262,8 @@ def _train(stage_name, datalist, out, preset, config, init, resume, processes, v
         raise InputError(f"--out {out} already holds a run (checkpoint/last.pt); add --resume to continue it, or choose another --out")
     if not out.parent.is_dir():
         raise InputError(f"--out {out}: folder {out.parent} does not exist")
+    for number, case in enumerate(cases):  # every file the stage reads, read once: a bad one costs seconds
+        read_entry_files(case, stage_cls.needs, f"--datalist {datalist}, entry {number}")
 
     global_batch = config.batch_size * processes.world_size
     source = SampleSource(train_cases, stage_name, config.patch_size, config.seed, global_batch)
