@@ -428,3 +428,18 @@ def test_inpaint_without_labels_notes_that_the_host_organ_was_not_checked(inputs
     notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
     assert any("not checked against its host organ (liver)" in note for note in notes), result.stderr
     assert (out / "ct.nii.gz").is_file()
+
+
+def test_inpaint_with_labels_notes_how_much_clipping_to_the_organ_kept(inputs, tiny_weights, tmp_path, maisi):
+    out = tmp_path / "out"
+    out.mkdir()
+    # The liver (label 1) of the test labels spans voxels 10..19; a 16 mm ball centred on its edge voxel
+    # (10, 15, 15) keeps about half its voxels inside it.
+    args = _inpaint_args(tiny_weights, inputs[1]["ct"], ("40", "60", "60"), out)
+    args[args.index("--tumor-diameter") + 1] = "16"
+    result = maisi(*args, "--labels", inputs[1]["labels"])
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: the tumour was clipped")]
+    assert len(notes) == 1 and "host organ (liver) in --labels" in notes[0], result.stderr
+    kept, drawn = (int(n) for n in notes[0].split(": ")[-1].split(" voxels")[0].split(" of "))
+    assert 0.25 * drawn <= kept < drawn
