@@ -108,8 +108,9 @@ def _header(path: Path):
 
 
 def read_dicom_file(path: Path, stop_before_pixels: bool = False):
-    """``pydicom.dcmread`` of one file, its warnings held back; a file pydicom cannot parse or that
-    ends early (pydicom reads what is there and warns, or says nothing) is refused in one line:
+    """``pydicom.dcmread`` of one file, pydicom's warnings dropped (one per file would repeat for every
+    slice; an early end, the one that matters, becomes the refusal); a file pydicom cannot parse or
+    that ends early (pydicom reads what is there and warns, or says nothing) is refused in one line:
     "truncated or not a DICOM file", naming it."""
     import warnings
 
