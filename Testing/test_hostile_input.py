@@ -405,3 +405,195 @@ def test_maisi_run_refuses_a_request_whose_output_is_its_input(case, inputs, tin
     path.write_text(json.dumps(request))
     _refused(maisi, ["run", path], [expected], folder, inputs[0])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "request.json"]
+
+
+# ---- Inputs checked before work, and safe refusals (issue 29) ----------------------------------------
+
+
+def _one_error_line(result) -> str:
+    """The refusal: exit 2, exactly one stderr line (no warning, no progress line before it)."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("maisi: error: "), result.stderr
+    assert "Traceback" not in result.stderr and "Warning" not in result.stderr
+    return lines[0]
+
+
+def _truncated_nifti(path: Path) -> Path:
+    """A NIfTI whose header reads but whose voxels end early (a copy cut short)."""
+    noise = np.random.default_rng(0).integers(-1000, 1000, (32, 32, 32)).astype(np.int16)
+    write_volume(path, Volume(noise, np.diag([4.0, 4.0, 4.0, 1.0])))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _datalist(folder: Path, images: list[str]) -> Path:
+    entries = [{"image": name, "dim": [32, 32, 32], "spacing": [4.0, 4.0, 4.0], "modality": "ct", "fold": 0}
+               for name in images]
+    path = folder / "data.json"
+    path.write_text(json.dumps({"format": "maisi-datalist", "version": 1, "training": entries}))
+    return path
+
+
+@pytest.fixture
+def bad_last(inputs, tmp_path):
+    """A folder with a good CT first and, sorted last, a bad one of each kind: truncated, NaN voxels."""
+    _, paths = inputs
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    (folder / "a_ct.nii.gz").write_bytes(paths["ct"].read_bytes())
+    _truncated_nifti(folder / "z_truncated.nii.gz")
+    (folder / "z_nan.nii.gz").write_bytes(paths["nan_ct"].read_bytes())
+    return folder
+
+
+def test_evaluate_refuses_an_unreadable_real_ct_last_before_any_reconstruction(bad_last, tiny_weights, tmp_path,
+                                                                             maisi, monkeypatch):
+    from maisicore.evaluation import measures
+
+    calls = []
+    monkeypatch.setattr(measures, "reconstruct", lambda *args, **kwargs: calls.append(args) or args[1])
+    (bad_last / "z_nan.nii.gz").unlink()  # the truncated file is the last CT
+    synthetic = tmp_path / "synthetic"
+    synthetic.mkdir()
+    (synthetic / "s.nii.gz").write_bytes((bad_last / "a_ct.nii.gz").read_bytes())
+    ae = tiny_weights["rflow-ct"] / "models" / "autoencoder_v1.pt"
+    started = time.perf_counter()
+    result = maisi("evaluate", "--real", bad_last, "--synthetic", synthetic, "--metrics", "vae",
+                   "--vae-weights", ae, "--device", "cpu", "--out", tmp_path / "report")
+    seconds = time.perf_counter() - started
+    line = _one_error_line(result)
+    assert "z_truncated.nii.gz: cannot be read" in line
+    assert calls == []  # the VAE metric never ran on the readable CT before it
+    assert seconds < 20, seconds
+    assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize("bad", ["z_truncated.nii.gz", "z_nan.nii.gz"])
+def test_train_refuses_a_bad_datalist_entry_last_before_any_step(bad, bad_last, tiny_weights, tmp_path, maisi):
+    datalist = _datalist(bad_last, ["a_ct.nii.gz", bad])
+    run = tmp_path / "run"
+    result = maisi("train", "vae", "--datalist", datalist, "--out", run, "--width", "tiny", "--patch-size", 32, 32, 32,
+                   "--max-steps", 1, "--device", "cpu")
+    assert not run.exists()  # no run folder: refused before the first step
+    line = _one_error_line(result)
+    assert "entry 1" in line and bad in line
+    assert ("cannot be read" if "truncated" in bad else "voxel(s) are NaN or infinite") in line
+
+
+@pytest.mark.parametrize("bad", ["z_truncated.nii.gz", "z_nan.nii.gz"])
+def test_prepare_latents_refuses_a_bad_entry_last_before_encoding_any(bad, bad_last, tiny_weights, tmp_path, maisi):
+    datalist = _datalist(bad_last, ["a_ct.nii.gz", bad])
+    out = tmp_path / "out"
+    out.mkdir()
+    result = maisi("prepare", "latents", "--datalist", datalist, "--weights", tiny_weights["rflow-ct"],
+                   "--out-dir", out / "latents", "--out", out / "latents.json", "--round-to", 32, "--device", "cpu")
+    assert list(out.iterdir()) == []  # no latent of the good first entry, no folder
+    line = _one_error_line(result)
+    assert "entry 1" in line and bad in line
+
+
+class _RunsCodeWhenLoaded:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture
+def code_weights(tiny_weights, tmp_path):
+    """A weight folder whose autoencoder file holds pickled code (torch.save of an object that
+    creates a marker file when unpickled)."""
+    import shutil
+
+    import torch
+
+    folder = tmp_path / "code-weights"
+    shutil.copytree(tiny_weights["rflow-ct"], folder)
+    marker = tmp_path / "code-was-executed"
+    torch.save({"encoder.weight": _RunsCodeWhenLoaded(marker)}, folder / "models" / "autoencoder_v1.pt")
+    return folder, marker
+
+
+@pytest.mark.parametrize("command", ["vae encode", "train --init", "prepare latents"])
+def test_a_checkpoint_holding_code_is_refused_in_our_words(command, code_weights, inputs, tmp_path, maisi):
+    folder, marker = code_weights
+    ae = folder / "models" / "autoencoder_v1.pt"
+    ct = inputs[1]["ct"]
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "a_ct.nii.gz").write_bytes(ct.read_bytes())
+    args = {
+        "vae encode": ["vae", "encode", "--weights", ae, "--image", ct, "--out", out / "latent.nii.gz"],
+        "train --init": ["train", "vae", "--datalist", _datalist(tmp_path, ["a_ct.nii.gz"]), "--out", out / "run",
+                         "--width", "tiny", "--init", folder, "--patch-size", 32, 32, 32, "--max-steps", 1,
+                         "--device", "cpu"],
+        "prepare latents": ["prepare", "latents", "--datalist", _datalist(tmp_path, ["a_ct.nii.gz"]), "--weights", ae,
+                            "--out-dir", out / "latents", "--out", out / "latents.json", "--round-to", 32,
+                            "--device", "cpu"],
+    }[command]
+    line = _one_error_line(maisi(*args))
+    assert str(ae) in line and "holds code or objects other than tensors" in line and "was not loaded" in line
+    assert "weights_only" not in line and "\x1b" not in line and "trust" not in line
+    assert not marker.exists()  # nothing ran
+    assert list(out.iterdir()) == []
+
+
+def test_a_dicom_series_with_a_truncated_slice_is_named(real_data, tiny_weights, tmp_path, maisi):
+    import shutil
+
+    series = tmp_path / "series"
+    shutil.copytree(real_data / "example_ct_dicom", series)
+    cut = sorted(series.iterdir())[10]
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])  # a copy interrupted in the pixel data
+    out = tmp_path / "out"
+    out.mkdir()
+    result = maisi("vae", "encode", "--weights", tiny_weights["rflow-ct"] / "models" / "autoencoder_v1.pt",
+                   "--image", series, "--out", out / "latent.nii.gz")
+    line = _one_error_line(result)
+    assert f"{cut}: truncated or not a DICOM file" in line
+    assert "ImageOrientationPatient" not in line and "warn" not in result.stderr.lower()
+    assert list(out.iterdir()) == []
+
+
+def _inpaint_args(tiny_weights, ct, centre, out):
+    return ["inpaint", "--model", "rflow-ct", "--weights-dir", tiny_weights["rflow-ct"], "--image", ct,
+            "--tumor-type", "hepatic tumor", "--tumor-center", *centre, "--tumor-diameter", "8", "--steps", "1",
+            "--device", "cpu", "--out", out / "ct.nii.gz"]
+
+
+def test_inpaint_refuses_a_tumour_outside_the_body(inputs, tiny_weights, tmp_path, maisi):
+    out = tmp_path / "out"
+    out.mkdir()
+    # The body of the test CT spans voxels 4..27 (16 to 108 mm); voxel (1, 1, 16) is air beside it.
+    line = _one_error_line(maisi(*_inpaint_args(tiny_weights, inputs[1]["ct"], ("4", "4", "64"), out)))
+    assert "--tumor-center 4 4 64 (RAS mm) is outside the body" in line and "liver" in line
+    assert list(out.iterdir()) == []
+
+
+def test_inpaint_without_labels_notes_that_the_host_organ_was_not_checked(inputs, tiny_weights, tmp_path, maisi):
+    out = tmp_path / "out"
+    out.mkdir()
+    result = maisi(*_inpaint_args(tiny_weights, inputs[1]["ct"], ("64", "64", "64"), out))
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
+    assert any("not checked against its host organ (liver)" in note for note in notes), result.stderr
+    assert (out / "ct.nii.gz").is_file()
+
+
+def test_inpaint_with_labels_notes_how_much_clipping_to_the_organ_kept(inputs, tiny_weights, tmp_path, maisi):
+    out = tmp_path / "out"
+    out.mkdir()
+    # The liver (label 1) of the test labels spans voxels 10..19; a 16 mm ball centred on its edge voxel
+    # (10, 15, 15) keeps about half its voxels inside it.
+    args = _inpaint_args(tiny_weights, inputs[1]["ct"], ("40", "60", "60"), out)
+    args[args.index("--tumor-diameter") + 1] = "16"
+    result = maisi(*args, "--labels", inputs[1]["labels"])
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: the tumour was clipped")]
+    assert len(notes) == 1 and "host organ (liver) in --labels" in notes[0], result.stderr
+    kept, drawn = (int(n) for n in notes[0].split(": ")[-1].split(" voxels")[0].split(" of "))
+    assert 0.25 * drawn <= kept < drawn

@@ -107,7 +107,7 @@ def test_pickled_code_checkpoint_is_refused_and_not_executed(tiny_weights, tmp_p
     assert result.returncode == 2, result.stderr
     assert not marker.exists()
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("maisi: error: ") and "controlnet_3d_rflow-ct.pt: refused: not a plain tensor checkpoint" in last
+    assert last.startswith("maisi: error: ") and "controlnet_3d_rflow-ct.pt: refused: the file holds code" in last
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "x.nii.gz").exists()
 

@@ -108,10 +108,12 @@ def load_feature_network(path: str | os.PathLike | None, device: torch.device) -
     path = Path(path)
     if not path.is_file():
         raise InputError(f"--feature-weights {path}: file not found")
+    from ..models.weights import load_checkpoint
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(f"--feature-weights {path}: cannot be read as a torch state dict ({exc})") from exc
+        state = load_checkpoint(path)  # weights_only; a one-line refusal of our own, never torch's text
+    except InputError as exc:
+        raise InputError(f"--feature-weights {exc}") from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     network = RadImageNetResNet50()

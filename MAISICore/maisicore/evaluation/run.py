@@ -104,6 +104,14 @@ def read_case(case: Case) -> tuple[Volume, np.ndarray | None]:
     return Volume(ras.array.astype(np.float32), ras.affine), labels
 
 
+def check_cases(real_cases: list[Case], synthetic_cases: list[Case]) -> None:
+    """Read every CT and label file of both sets once, before any network is loaded or run (read,
+    finite voxels, invertible affine, integer labels on the CT's grid: ``read_case``), so a bad file
+    anywhere in a set is refused in seconds, not after the work on the files before it."""
+    for case in real_cases + synthetic_cases:
+        read_case(case)
+
+
 def check_report_folder(out: str | os.PathLike) -> Path:
     """The report folder must be new or empty, its parent a writable folder."""
     out = Path(out)
@@ -185,6 +193,7 @@ def evaluate(
         problem = frd_available()
         if problem:
             raise InputError(problem)
+    check_cases(real_cases, synthetic_cases)
     torch_device = resolve_device(device)
     network = None
     if "fid-2.5d" in metrics:

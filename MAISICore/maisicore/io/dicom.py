@@ -104,9 +104,50 @@ class SeriesFiles:
 
 
 def _header(path: Path):
+    return read_dicom_file(path, stop_before_pixels=True)
+
+
+def read_dicom_file(path: Path, stop_before_pixels: bool = False):
+    """``pydicom.dcmread`` of one file, pydicom's warnings dropped (one per file would repeat for every
+    slice; an early end, the one that matters, becomes the refusal); a file pydicom cannot parse or
+    that ends early (pydicom reads what is there and warns, or says nothing) is refused in one line:
+    "truncated or not a DICOM file", naming it."""
+    import warnings
+
     import pydicom
 
-    return pydicom.dcmread(path, stop_before_pixels=True)
+    path = Path(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        except Exception as exc:
+            raise InputError(f"{path}: truncated or not a DICOM file ({type(exc).__name__}); replace it with a "
+                             "complete copy or remove it") from exc
+    if _ends_early(ds, caught, path.stat().st_size):
+        raise InputError(f"{path}: truncated or not a DICOM file (it ends inside a data element); replace it with a "
+                         "complete copy or remove it")
+    return ds
+
+
+def _ends_early(ds, caught, size: int) -> bool:
+    """Whether the file of ``ds`` (``size`` bytes) ended before its data did: pydicom warned of an
+    early end (an undefined-length sequence or pixel data cut), or the file meta group or the last
+    top-level element reaches past the end, or a piece of an element header (< 8 bytes) is left over."""
+    if any("end of file" in str(w.message).lower() for w in caught):
+        return True
+    group_length = ds.file_meta.get("FileMetaInformationGroupLength") if ds.file_meta is not None else None
+    end = 132 + 12 + int(group_length) if group_length is not None else None  # preamble, DICM, the group
+    last = None
+    for element in ds.elements():  # raw elements: value_tell is where the value starts in the file
+        tell = getattr(element, "value_tell", None)
+        if tell is not None and (last is None or tell > last.value_tell):
+            last = element
+    if last is not None:
+        if last.length == 0xFFFFFFFF:  # undefined length: its end is a delimiter; a cut one warns above
+            return False
+        end = last.value_tell + last.length
+    return end is not None and (end > size or 0 < size - end < 8)
 
 
 def _is_seg(ds) -> bool:
@@ -114,8 +155,10 @@ def _is_seg(ds) -> bool:
     return sop_class == SEG_SOP_CLASS or ds.get("Modality", "") == "SEG"
 
 
-def find_series(folder: Path) -> list[SeriesFiles]:
-    """Every DICOM series directly in ``folder`` (non-DICOM files are ignored), sorted by UID."""
+def find_series(folder: Path, broken: list | None = None) -> list[SeriesFiles]:
+    """Every DICOM series directly in ``folder`` (non-DICOM files are ignored), sorted by UID.
+    DICOM files that are truncated or cannot be parsed are left out; ``broken`` (a list) receives
+    their refusals (``InputError``)."""
     require_dicom_libraries()
     found: dict[str, SeriesFiles] = {}
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
@@ -123,7 +166,9 @@ def find_series(folder: Path) -> list[SeriesFiles]:
             continue
         try:
             ds = _header(path)
-        except Exception:  # a broken file: left out (a gap it leaves is reported as missing slices)
+        except InputError as exc:  # a broken file: left out here, named by _select
+            if broken is not None:
+                broken.append(exc)
             continue
         uid = str(ds.get("SeriesInstanceUID", "") or "")
         entry = found.setdefault(uid, SeriesFiles(uid, str(ds.get("Modality", "") or ""),
@@ -149,7 +194,10 @@ def _select(path: str | os.PathLike) -> SeriesFiles:
         folder = base
     else:
         raise InputError(f"{base}: no such file or folder")
-    series = find_series(folder)
+    broken: list[InputError] = []
+    series = find_series(folder, broken)
+    if broken:  # it may be a slice of the series asked for: never read a series with a hole
+        raise broken[0]
     if not series:
         raise InputError(f"{folder}: no DICOM files (and no .nii, .nii.gz or .nrrd file given)")
     if uid is not None:
@@ -194,10 +242,9 @@ def read_dicom(path: str | os.PathLike, modality: str | None = None) -> Volume:
 
 
 def _read_slices(files: list[Path], where: str) -> Volume:
-    import pydicom
     from pydicom.pixels import apply_modality_lut
 
-    headers = [pydicom.dcmread(f) for f in files]  # pixel data is decoded only below, slice by slice
+    headers = [read_dicom_file(f) for f in files]  # pixel data is decoded only below, slice by slice
     for attribute in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns"):
         lacking = [f.name for f, h in zip(files, headers) if h.get(attribute) in (None, "")]
         if lacking:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, held_warnings
 from .geometry import Volume, lps_to_ras, ras_to_lps
 
 VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
@@ -79,7 +79,13 @@ def read_volume(path: str | os.PathLike, modality: str | None = None) -> Volume:
 
     A folder, ``FOLDER#SeriesInstanceUID`` or a DICOM file is read as DICOM (``maisicore.io.dicom``);
     ``modality`` (``"CT"``) then refuses a series of another modality. A SEG gives MAISI label ids.
+    The readers' warnings are held back: a refusal is one line, with no library warning before it.
     """
+    with held_warnings():
+        return _read_volume(path, modality)
+
+
+def _read_volume(path: str | os.PathLike, modality: str | None) -> Volume:
     ext = volume_extension(path)
     if ext is None:
         from .dicom import is_dicom_path, read_dicom, split_series

@@ -120,17 +120,30 @@ def check_weight_files(preset: ModelPreset, weights_dir: Path) -> dict[str, Path
     return paths
 
 
-def load_checkpoint(path: Path) -> dict:
-    """``torch.load(path, weights_only=True)`` on CPU; one-line ``InputError`` if refused."""
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """``torch.load(path, weights_only=True)`` (on CPU by default); one-line ``InputError`` if refused.
+
+    The refusal is ours, never torch's text: it names the file and what is wrong with it (code or
+    objects other than tensors, or not a checkpoint at all) and gives no advice to load it unsafely."""
+    import pickle
+    import re
+    import warnings
+
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's own warnings say nothing a refusal needs
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError as exc:
         raise InputError(f"{path}: weight file not found") from exc
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" not in str(exc).lower():
+            raise InputError(f"{path}: not a PyTorch checkpoint, or truncated (UnpicklingError); it was not loaded") from exc
+        blocked = re.search(r"GLOBAL ([A-Za-z_][\w.]*)", str(exc))
+        named = f" (it names {blocked.group(1)})" if blocked else ""
+        raise InputError(f"{path}: refused: the file holds code or objects other than tensors{named}, so it was not "
+                         "loaded; use a checkpoint of plain tensors (a state dict)") from exc
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(
-            f"{path}: refused: not a plain tensor checkpoint (weights_only loading failed: {reason[:160]})"
-        ) from exc
+        raise InputError(f"{path}: not a PyTorch checkpoint, or truncated ({type(exc).__name__}); it was not loaded") from exc
     if not isinstance(checkpoint, dict):
         raise InputError(f"{path}: refused: expected a dict of tensors, found {type(checkpoint).__name__}")
     return checkpoint

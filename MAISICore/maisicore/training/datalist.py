@@ -195,10 +195,12 @@ def _fmt(values) -> str:
     return "×".join(f"{v:.3g}" for v in values)
 
 
-def read_datalist(path: str | os.PathLike, needs: tuple[str, ...]) -> list[Case]:
+def read_datalist(path: str | os.PathLike, needs: tuple[str, ...], read: tuple[str, ...] = ()) -> list[Case]:
     """Read and check a datalist before any training: every file named exists, entries carry what
     the stage ``needs`` (``image``, ``label``, ``latent``), labels are on their image's (or latent's)
-    grid. One-line ``InputError`` naming the first bad entry otherwise."""
+    grid. The files of the keys in ``read`` are read in full, entry by entry (``read_entry_files``),
+    so a bad file anywhere is refused before any work. One-line ``InputError`` naming the first bad
+    entry otherwise."""
     path = Path(path)
     data = read_json(path, "--datalist")
     entries = data.get("training") if isinstance(data, dict) else None
@@ -230,10 +232,51 @@ def read_datalist(path: str | os.PathLike, needs: tuple[str, ...]) -> list[Case]
                     str(entry.get("modality", "ct")), tuple(region) if region else None, int(entry.get("fold", 0)))
         _check_shapes(case, where)
         cases.append(case)
+    for number, case in enumerate(cases):
+        read_entry_files(case, read, f"--datalist {path}, entry {number}")
     return cases
 
 
+def read_entry_files(case: Case, keys: tuple[str, ...], where: str) -> None:
+    """Read the entry's ``keys`` files in full as the training and encoding will (finite voxels,
+    invertible affine; labels: integer MAISI ids, on the image's grid when there is no latent);
+    one-line ``InputError`` prefixed ``where`` (the datalist and entry number)."""
+    from ..io.geometry import to_closest_ras
+    from ..validation import check_mask_values
+
+    try:
+        image = None
+        if "image" in keys and case.image is not None:
+            image = read_volume(case.image, modality="CT" if case.modality == "ct" else None)
+        if "latent" in keys and case.latent is not None:
+            from ..pipelines.vae import read_latent
+
+            latent, _ = read_latent(case.latent)
+            if latent.ndim != 4 or latent.shape[3] != 4:
+                raise InputError(f"{case.latent}: expected a latent [X, Y, Z, 4], got shape {latent.shape}")
+            if not np.all(np.isfinite(latent)):
+                raise InputError(f"{case.latent}: holds NaN or infinite values; encode it again (`maisi prepare latents`)")
+        if "label" in keys and case.label is not None:
+            labels = read_volume(case.label)
+            check_mask_values(np.asarray(labels.array), str(case.label))
+            if image is not None and case.latent is None and \
+                    not to_closest_ras(labels)[0].same_grid(to_closest_ras(image)[0]):
+                raise InputError(f"label {case.label} is not on the grid of its image {case.image} (shape and affine "
+                                 "must match)")
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from exc
+
+
 def _header_shape(path: Path) -> tuple[int, ...]:
+    try:
+        return _read_header_shape(path)
+    except InputError:
+        raise
+    except Exception as exc:  # a corrupt or foreign file: say which and why, in one line
+        raise InputError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from exc
+
+
+def _read_header_shape(path: Path) -> tuple[int, ...]:
     if volume_extension(path) is None:  # a DICOM series or SEG
         from ..io.dicom import dicom_shape
 

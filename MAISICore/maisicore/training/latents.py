@@ -75,9 +75,11 @@ def prepare_latents(
 
     if round_to < 32 or round_to % 32:
         raise InputError(f"--round-to {round_to}: must be a multiple of 32 (latents are a quarter, the UNet halves them 3 times)")
-    cases = read_datalist(datalist, needs=("image",))
     out_dir, out_datalist = Path(out_dir), Path(out_datalist)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out-dir {out_dir}: exists and is not a folder")
+    weights_path = autoencoder_path(weights)
+    cases = read_datalist(datalist, needs=("image",), read=("image", "label"))  # every file read: before any work
     device = torch.device(device)
     autoencoder = None
     root = out_datalist.resolve().parent
@@ -96,7 +98,8 @@ def prepare_latents(
             log(f"[{number + 1}/{len(cases)}] {name}: already encoded, skipped")
         else:
             if autoencoder is None:
-                autoencoder = load_autoencoder(autoencoder_path(weights), device)
+                autoencoder = load_autoencoder(weights_path, device)
+                out_dir.mkdir(parents=True, exist_ok=True)  # only once the weights are loaded: a refusal writes nothing
             hu = np.clip(ct.array.astype(np.float32), -1000.0, 1000.0)
             resized = Volume(resize(hu, shape, "trilinear"), grid)
             latent, affine, sidecar = encode_ct(autoencoder, resized, device, memory_budget_bytes)

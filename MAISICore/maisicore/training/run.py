@@ -35,6 +35,7 @@ from ..models.weights import (
     MODEL_CARD,
     MODELS_SUBDIR,
     init_weights,
+    load_checkpoint,
     read_model_card,
     save_checkpoint,
     weight_file,
@@ -42,7 +43,7 @@ from ..models.weights import (
 from . import distributed
 from .config import TrainConfig
 from .data import SampleSource
-from .datalist import Case, read_datalist
+from .datalist import Case, read_datalist, read_entry_files
 from .stages import ControlNetStage, DiffusionStage, VAEStage, validation_samples
 
 STAGE_CLASSES = {"vae": VAEStage, "diffusion": DiffusionStage, "controlnet": ControlNetStage}
@@ -261,6 +262,8 @@ def _train(stage_name, datalist, out, preset, config, init, resume, processes, v
         raise InputError(f"--out {out} already holds a run (checkpoint/last.pt); add --resume to continue it, or choose another --out")
     if not out.parent.is_dir():
         raise InputError(f"--out {out}: folder {out.parent} does not exist")
+    for number, case in enumerate(cases):  # every file the stage reads, read once: a bad one costs seconds
+        read_entry_files(case, stage_cls.needs, f"--datalist {datalist}, entry {number}")
 
     global_batch = config.batch_size * processes.world_size
     source = SampleSource(train_cases, stage_name, config.patch_size, config.seed, global_batch)
@@ -276,7 +279,7 @@ def _train(stage_name, datalist, out, preset, config, init, resume, processes, v
 
     start_step, elapsed_before = 0, 0.0
     if resume:
-        state = torch.load(paths.checkpoint, map_location=processes.device, weights_only=True)
+        state = load_checkpoint(paths.checkpoint, map_location=processes.device)
         start_step, elapsed_before = _restore(stage, state, preset, global_batch, paths.checkpoint)
         log(f"resumed {paths.checkpoint} at step {start_step} of {max_steps}")
     elif stage_name == "diffusion" or (stage_name == "controlnet" and stage.init_scale_factor is None):
