@@ -129,3 +129,20 @@ def test_update_refusals(case, expected, loop, tiny_weights, tmp_path, maisi):
     assert len(lines) == 1 and lines[0].startswith("maisi: error: ") and expected in lines[0], result.stderr
     assert {k: _sha(v) for k, v in loop.items()} == before
     assert list(out_dir.iterdir()) == []  # nothing written
+
+
+def test_a_previous_ct_in_another_axis_order_is_the_same_update(loop, tiny_weights, tmp_path, maisi):
+    """The same voxels stored flipped (as a DICOM series may be) are put into the mask's order."""
+    previous = read_volume(loop["ct"])
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = previous.shape[0] - 1
+    flipped = tmp_path / "flipped.nii.gz"
+    write_volume(flipped, Volume(previous.array[::-1].copy(), previous.affine @ flip))
+    outs = []
+    for source in (loop["ct"], flipped):
+        outs.append(tmp_path / f"u{len(outs)}.nii.gz")
+        result = maisi("generate", "--model", tiny_weights["rflow-ct"], "--mask", loop["new"], "--update", source,
+                       "--previous-labels", loop["old"], *W, "--seed", 5, "--out", outs[-1])
+        assert result.returncode == 0, result.stderr
+    a, b = read_volume(outs[0]), read_volume(outs[1])
+    assert np.array_equal(a.array, b.array) and np.allclose(a.affine, b.affine)

@@ -44,16 +44,19 @@ def _grid_text(volume: Volume) -> str:
 
 
 def read_update_source(request, mask: Volume) -> UpdateSource:
-    """Read ``--update`` and ``--previous-labels``; one-line ``InputError`` when the three grids
+    """Read ``--update`` and ``--previous-labels`` (put into ``mask``'s index order when they hold the
+    same voxels in another order, e.g. a DICOM series); one-line ``InputError`` when the three grids
     differ (shape, or affine beyond 1 µm) or when no label changed."""
+    from ..io.geometry import onto_grid_of  # the same voxels in another axis order (DICOM vs NIfTI) are fine
     from ..io.volumes import read_volume
 
-    previous = read_volume(request.update, modality="CT")
-    old = read_volume(request.previous_labels)
-    for option, path, volume in (("--update", request.update, previous), ("--previous-labels", request.previous_labels, old)):
-        if not volume.same_grid(mask):
+    read = {"--update": read_volume(request.update, modality="CT"), "--previous-labels": read_volume(request.previous_labels)}
+    for option, path in (("--update", request.update), ("--previous-labels", request.previous_labels)):
+        volume, read[option] = read[option], onto_grid_of(read[option], mask)
+        if read[option] is None:
             raise InputError(f"{option} {path}: not on --mask's grid ({_grid_text(volume)} vs {_grid_text(mask)}, or "
                              "another orientation or origin); an update needs the three volumes on one grid")
+    previous, old = read["--update"], read["--previous-labels"]
     new_labels = check_mask_values(mask.array, "--mask")
     old_labels = check_mask_values(old.array, f"--previous-labels {request.previous_labels}")
     changed = new_labels != old_labels
