@@ -163,3 +163,69 @@ def test_progress_and_cancel(tiny_weights):
     with pytest.raises(Cancelled):
         generate(model, plan, seed=0, cancel=cancel_after_two)
     assert len(calls) == 3
+
+
+# ---- --draft ---------------------------------------------------------------------------------------
+
+
+def test_draft_grid_rule_and_resampling():
+    from maisicore.pipelines.draft import DRAFT_STEPS, draft_size, upsample
+    from maisicore.pipelines.requests import DRAFT_MAX_STEPS
+
+    assert draft_size((256, 256, 128)) == (64, 64, 32)  # the request: 4× fewer voxels per axis
+    assert draft_size((512, 512, 256)) == (128, 128, 64)
+    assert draft_size((64, 64, 32)) == (32, 32, 32) and draft_size((96, 160, 40)) == (32, 32, 32)
+    assert DRAFT_STEPS + 1 <= DRAFT_MAX_STEPS == 10  # ab2: N steps cost N + 1 evaluations
+    # Same field of view, edges aligned: a ramp along x on the draft grid stays a ramp on the full grid,
+    # each full voxel centre at (j + 0.5) / 4 − 0.5 draft voxels.
+    draft = np.broadcast_to(np.arange(8, dtype=np.float32)[:, None, None], (8, 2, 2)).copy()
+    full = upsample(draft, (32, 8, 8))
+    expected = np.clip((np.arange(32) + 0.5) / 4 - 0.5, 0, 7)
+    assert full.shape == (32, 8, 8) and np.allclose(full[:, 3, 5], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+def test_draft_is_on_the_mask_grid_and_says_draft(tiny_weights, tmp_path, maisi, suffix):
+    from maisicore.io.geometry import Volume
+    from maisicore.pipelines.generate import GeneratePipeline
+    from maisicore.pipelines.requests import GenerateRequest
+
+    affine = np.array([[0.0, -4.0, 0.0, 30.0], [4.0, 0.0, 0.0, -60.0], [0.0, 0.0, 4.0, 12.0], [0, 0, 0, 1]])  # rotated
+    labels = np.zeros((64, 64, 32), np.int16)
+    labels[6:58, 6:58, 1:31] = 200
+    labels[14:34, 14:34, 8:22] = 1
+    mask = tmp_path / "mask.nii.gz"
+    write_volume(mask, Volume(labels, affine))
+    out = tmp_path / f"draft{suffix}"
+    result = maisi("generate", "--model", "rflow-ct", "--weights-dir", tiny_weights["rflow-ct"], "--mask", mask,
+                   "--allow-any-size", "--device", "cpu", "--draft", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith(f"DRAFT (a quick look, not a final result): wrote {out}")
+    assert "DRAFT: sampled at 32×32×32 voxels" in result.stderr and "9 steps (10 network evaluations)" in result.stderr
+    ct = read_volume(out)
+    assert ct.shape == labels.shape and np.allclose(ct.affine, affine, atol=1e-6)
+    assert ct.array.dtype == np.int16 and np.all(ct.array[labels == 0] == -1000) and ct.array[labels > 0].std() > 0
+    if suffix == ".nii.gz":
+        assert nib.load(out).header["descrip"].tobytes().startswith(b"MAISI DRAFT rflow-ct/tiny seed 0 9 steps ab2")
+    else:
+        import nrrd
+
+        assert nrrd.read_header(str(out))["content"].startswith("MAISI DRAFT rflow-ct/tiny")
+    # The Python API: steps and evaluations within the draft's limit, the labels the user's full mask.
+    request = GenerateRequest(model="rflow-ct", weights_dir=str(tiny_weights["rflow-ct"]), mask=str(mask),
+                              allow_any_size=True, device="cpu", draft=True, steps=4)
+    outcome = GeneratePipeline.from_request(request)(request)
+    from maisicore.pipelines.draft import draft_evaluations
+
+    assert outcome.action == "draft" and outcome.plan.sampler == "ab2" and outcome.plan.steps == 4
+    assert draft_evaluations(get_preset("rflow-ct", "tiny"), outcome.plan) == 5 <= 10
+    assert np.array_equal(outcome.labels.array, labels) and np.array_equal(outcome.ct.affine, ct.affine)
+
+
+def test_draft_of_a_ddpm_model_is_refused(tiny_weights, tmp_path, maisi):
+    result = maisi("generate", "--model", "ddpm-ct", "--weights-dir", tiny_weights["ddpm-ct"], *GRID, "--draft",
+                   "--out", tmp_path / "d.nii.gz")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--draft samples with ab2" in lines[0] and "DDPM model" in lines[0], result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -448,7 +448,7 @@ def _increasing_slices(volume: Volume) -> Volume:
 @dataclass(frozen=True)
 class Provenance:
     """What made a synthetic image, recorded in every file: model (preset key), seed, denoising
-    steps, and what was done (``generate`` or ``inpaint``)."""
+    steps, and what was done (``generate``, ``draft``, ``update`` or ``inpaint``)."""
 
     model: str
     seed: int
@@ -458,7 +458,9 @@ class Provenance:
     def description(self) -> str:
         from .. import __version__
 
-        what = "tumour inpainted into a CT" if self.action == "inpaint" else "CT generated"
+        what = {"inpaint": "tumour inpainted into a CT",
+                "draft": "DRAFT CT generated at fewer voxels and resampled (a quick look, not a final result)",
+                "update": "CT updated: the region of changed labels regenerated"}.get(self.action, "CT generated")
         return (f"SYNTHETIC: {what} by NVIDIA MAISI {self.model}, seed {self.seed}, {self.steps} steps, "
                 f"maisicore {__version__}; not an acquisition of a patient")
 
@@ -541,6 +543,8 @@ def _ct_datasets(ct: Volume, provenance: Provenance, identity: dict, source: lis
     series_text = f"SYNTHETIC MAISI {provenance.model} seed {provenance.seed}"
     if provenance.action == "inpaint":
         series_text = f"SYNTHETIC TUMOUR MAISI {provenance.model} seed {provenance.seed}"
+    elif provenance.action in ("draft", "update"):
+        series_text = f"SYNTHETIC {provenance.action.upper()} MAISI {provenance.model} seed {provenance.seed}"
     datasets = []
     for k in range(ct.shape[2]):
         ds = Dataset()

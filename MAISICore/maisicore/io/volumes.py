@@ -157,12 +157,14 @@ def _read_nrrd(path: Path) -> Volume:
     return Volume(array, affine)
 
 
-def write_volume(path: str | os.PathLike, volume: Volume) -> Path:
-    """Write ``volume`` to ``path`` (format by extension) through a temporary file and a rename."""
+def write_volume(path: str | os.PathLike, volume: Volume, description: str | None = None) -> Path:
+    """Write ``volume`` to ``path`` (format by extension) through a temporary file and a rename.
+    ``description``: a line recorded in the header (NIfTI ``descrip``, at most 79 characters; NRRD
+    ``content``), e.g. that a CT is a draft; None writes none (the bytes of earlier versions)."""
     path = check_output_path(path)
     ext = volume_extension(path)
-    writer: Callable[[str, Volume], None] = _write_nrrd if ext == ".nrrd" else _write_nifti
-    return atomic_write(path, lambda tmp: writer(tmp, volume), suffix=ext)
+    writer: Callable[..., None] = _write_nrrd if ext == ".nrrd" else _write_nifti
+    return atomic_write(path, lambda tmp: writer(tmp, volume, description), suffix=ext)
 
 
 TEMP_MARK = ".maisi-"  # temporary files: .NAME.maisi-PID.RANDOM.tmpEXT beside the target
@@ -230,17 +232,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: 
     return path
 
 
-def _write_nifti(tmp: str, volume: Volume) -> None:
+def _write_nifti(tmp: str, volume: Volume, description: str | None = None) -> None:
     import nibabel as nib
 
     image = nib.Nifti1Image(volume.array, volume.affine)
     image.set_qform(volume.affine, code=1)
     image.set_sform(volume.affine, code=1)
     image.header.set_xyzt_units("mm")
+    if description:
+        image.header["descrip"] = description.encode("ascii", "replace")[:79]
     nib.save(image, tmp)
 
 
-def _write_nrrd(tmp: str, volume: Volume) -> None:
+def _write_nrrd(tmp: str, volume: Volume, description: str | None = None) -> None:
     import nrrd
 
     affine_lps = ras_to_lps(volume.affine)
@@ -251,6 +255,8 @@ def _write_nrrd(tmp: str, volume: Volume) -> None:
         "kinds": ["domain", "domain", "domain"],
         "encoding": "gzip",
     }
+    if description:
+        header["content"] = description
     with open(tmp, "wb") as raw:
         nrrd.write(_WithoutWriteTime(raw), np.asarray(volume.array), header, index_order="F")
 

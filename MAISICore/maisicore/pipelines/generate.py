@@ -332,6 +332,8 @@ class PreparedGeneration:
     notes: list[str] = field(default_factory=list)
     # --anatomy-size: the mask is generated when the pipeline runs (``pipelines.maskgen``); None otherwise
     mask_generation: object | None = None  # maskgen.MaskGenerationPlan
+    # --update: the previous CT and the changed voxels (``pipelines.update.UpdateSource``); None otherwise
+    update: object | None = None
 
 
 @dataclass
@@ -348,6 +350,8 @@ class GenerateResult:
     timings: dict[str, float]
     plan: GenerationPlan
     model: str = ""  # preset key (e.g. rflow-ct/official), recorded in DICOM output
+    action: str = "generate"  # generate, draft (--draft) or update (--update): recorded in every output
+    description: str = ""  # written into the CT's NIfTI descrip / NRRD content (drafts and updates)
 
     def write(self, request: GenerateRequest) -> dict[str, Path]:
         """Write the request's outputs (each to a temporary file or folder, then renamed); role → path.
@@ -359,10 +363,10 @@ class GenerateResult:
         if request.out and request.format == "dicom":
             from ..io.dicom import Provenance, write_dicom
 
-            provenance = Provenance(self.model or str(request.model), self.seed_used, self.plan.steps)
+            provenance = Provenance(self.model or str(request.model), self.seed_used, self.plan.steps, action=self.action)
             written.update(write_dicom(request.out, self.ct, self.labels, provenance))
         elif request.out:
-            written["ct"] = write_volume(request.out, self.ct)
+            written["ct"] = write_volume(request.out, self.ct, description=self.description or None)
         if request.label_out and self.labels is not None:
             written["labels"] = write_volume(request.label_out, self.labels)
         if request.preview:
@@ -420,6 +424,10 @@ def prepare_generation(
         check_output_path(request.label_out, "--label-out")
     preset, weights_dir = resolve_model(request.model, request.weights_dir)
     check_weight_files(preset, weights_dir)
+    if request.draft:
+        from .draft import check_draft_model
+
+        check_draft_model(preset)
     card_grid = (read_model_card(weights_dir) or {}).get("grid")
     any_size = request.allow_any_size or card_grid is not None
     default_size = tuple(card_grid["size"]) if card_grid else preset.default_size
@@ -439,6 +447,12 @@ def prepare_generation(
         notes += mask_generation.notes
     if mask is None and request.mask:
         mask = read_volume(request.mask)
+    if request.update:  # the volumes' own grid: no fitting (the region of interest is cut from it)
+        from .update import read_update_source, update_plan
+
+        source = read_update_source(request, mask)
+        plan = update_plan(request, preset, mask)
+        return PreparedGeneration(request, preset, weights_dir, plan, mask, None, plan.notes, update=source)
     if request.anatomy:
         from .paired import paired_mask
 
@@ -547,9 +561,13 @@ class GeneratePipeline:
             prepared = self.generate_mask(prepared, progress, cancel, log)
             timings["mask_s"] = time.perf_counter() - started
         request, plan = prepared.request, prepared.plan
+        if prepared.update is not None:
+            return self._update(prepared, timings, progress, cancel)
         budget = None if request.memory_budget_gb is None else int(request.memory_budget_gb * 2**30)
         devices = resolve_devices(request.devices)
         notes = list(prepared.notes)
+        if request.draft:
+            return self._draft(prepared, timings, progress, cancel, log, budget, devices)
         seed, checks = request.seed, None
         for attempt in range(request.qc_retries + 1):
             started = time.perf_counter()
@@ -579,3 +597,49 @@ class GeneratePipeline:
             ct = image_on_grid(ct, prepared.original_grid)
             labels = labels_on_grid(labels, prepared.original_grid)
         return GenerateResult(ct, labels, seed, checks, notes, timings, plan, prepared.preset.key)
+
+    def _labels_on_request_grid(self, prepared: PreparedGeneration, ct: Volume) -> tuple[Volume, Volume | None]:
+        mask = prepared.mask
+        labels = Volume(mask.array.astype(np.int16), mask.affine.copy()) if mask is not None else None
+        if prepared.original_grid is not None and prepared.request.maps_back:
+            ct = image_on_grid(ct, prepared.original_grid)
+            labels = labels_on_grid(labels, prepared.original_grid)
+        return ct, labels
+
+    def _draft(self, prepared: PreparedGeneration, timings, progress, cancel, log, budget, devices) -> GenerateResult:
+        """``--draft`` (``pipelines.draft``): fewer voxels, ab2, resampled onto the requested grid."""
+        import time
+
+        from .draft import describe_draft, draft_evaluations, draft_plan, generate_draft
+
+        request, plan = prepared.request, prepared.plan
+        draft = draft_plan(plan, request.steps)
+        note = describe_draft(plan, draft, draft_evaluations(prepared.preset, draft))
+        if log:
+            log(note)
+        started = time.perf_counter()
+        ct = generate_draft(self.model, plan, draft, request.seed, progress, cancel, request.decode, budget, log, devices)
+        timings["generate_s"] = time.perf_counter() - started
+        ct, labels = self._labels_on_request_grid(prepared, ct)
+        description = (f"MAISI DRAFT {prepared.preset.key} seed {request.seed} {draft.steps} steps {draft.sampler} "
+                       f"at {'x'.join(map(str, draft.size))}; not a final result")
+        return GenerateResult(ct, labels, request.seed, None, [*prepared.notes, note], timings, draft,
+                              prepared.preset.key, action="draft", description=description)
+
+    def _update(self, prepared: PreparedGeneration, timings, progress, cancel) -> GenerateResult:
+        """``--update`` (``pipelines.update``): the changed region regenerated, the rest kept bit for bit."""
+        import time
+
+        from .update import regenerate_changed
+
+        request = prepared.request
+        started = time.perf_counter()
+        ct, notes, roi_shape = regenerate_changed(self.model, prepared.plan, prepared.update, request.seed, progress,
+                                                  cancel)
+        timings["generate_s"] = time.perf_counter() - started
+        mask = prepared.mask
+        labels = Volume(mask.array.astype(np.int16), mask.affine.copy())
+        description = (f"MAISI UPDATE {prepared.preset.key} seed {request.seed} {prepared.plan.steps} steps: "
+                       f"region {'x'.join(map(str, roi_shape))} regenerated")
+        return GenerateResult(ct, labels, request.seed, None, [*prepared.notes, *notes], timings, prepared.plan,
+                              prepared.preset.key, action="update", description=description)

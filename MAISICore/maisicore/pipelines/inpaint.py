@@ -93,8 +93,10 @@ class InpaintResult:
     steps: int = 0  # denoising steps run
 
 
-def _roi_box(mask_ras: np.ndarray, spacing, shape) -> tuple[np.ndarray, np.ndarray]:
-    """Start index (may be negative) and size of the ROI around the tumour, sizes multiples of 32."""
+def _roi_box(mask_ras: np.ndarray, spacing, shape,
+             too_large: str = "the tumour is too large for the inpainting region",
+             advice: str = "reduce --tumor-diameter") -> tuple[np.ndarray, np.ndarray]:
+    """Start index (may be negative) and size of the ROI around the region, sizes multiples of 32."""
     where = np.argwhere(mask_ras)
     lo, hi = where.min(axis=0), where.max(axis=0) + 1
     margin = np.ceil(CONTEXT_MM / np.asarray(spacing)).astype(int)
@@ -102,8 +104,8 @@ def _roi_box(mask_ras: np.ndarray, spacing, shape) -> tuple[np.ndarray, np.ndarr
     size = np.maximum(GRID_MULTIPLE, -(-need // GRID_MULTIPLE) * GRID_MULTIPLE)
     if np.any(size > MAX_ROI_VOXELS):
         raise InputError(
-            f"the tumour is too large for the inpainting region: {'×'.join(map(str, size))} voxels needed, at most "
-            f"{MAX_ROI_VOXELS} per side; reduce --tumor-diameter"
+            f"{too_large}: {'×'.join(map(str, size))} voxels needed, at most "
+            f"{MAX_ROI_VOXELS} per side; {advice}"
         )
     start = (lo + hi) // 2 - size // 2
     return start, size
@@ -118,6 +120,93 @@ def _crop(array: np.ndarray, start, size, fill) -> np.ndarray:
     dst_hi = dst_lo + (src_hi - src_lo)
     out[tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi))] = array[tuple(slice(a, b) for a, b in zip(src_lo, src_hi))]
     return out
+
+
+# ---- latent blending, shared with ``maisi generate --update`` (``pipelines.update``) ---------------
+
+
+def encode_region(model: LoadedModel, roi_ct: np.ndarray) -> torch.Tensor:
+    """The ROI (HU, (x, y, z)) encoded with the exact split encoder and scaled: the known latent
+    (1, 4, X/4, Y/4, Z/4) on the model's device."""
+    from ..vae.tsp import encode_exact
+
+    image01 = torch.from_numpy(hu_to_unit(roi_ct.astype(np.float32)).astype(np.float32))[None, None]
+    mu, _ = encode_exact(model.autoencoder, image01, device=model.device)
+    return (mu * model.scale_factor).to(model.device)
+
+
+def latent_region(edit: np.ndarray, device) -> torch.Tensor:
+    """The latent voxels an image-space region (bool (x, y, z)) touches, plus one latent voxel:
+    (1, 1, X/4, Y/4, Z/4) float, 1 where the sampler generates."""
+    latent_edit = torch.from_numpy(edit)[None, None].float()
+    latent_edit = torch.nn.functional.max_pool3d(latent_edit, 4)
+    return torch.nn.functional.max_pool3d(latent_edit, 3, stride=1, padding=1).to(device)  # + 1 latent voxel
+
+
+def blended_sample(
+    model: LoadedModel,
+    plan: GenerationPlan,
+    known: torch.Tensor,
+    edit: np.ndarray,
+    seed: int,
+    progress: Callable[[str, int, int], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """Sample ``plan`` (the ROI's grid and labels) from ``seed``; after every step the latent outside
+    ``edit`` (bool, image space) is replaced by ``known`` diffused to that step, so only the region
+    is generated. Returns the latents."""
+    device = model.device
+    latent_edit = latent_region(edit, device)
+    sampling = start_sampling(model.preset, device, plan.latent_shape, plan.steps, seed, plan.sampler)
+    noise, schedule = sampling.noise, sampling.schedule
+    known = known.to(noise.dtype)
+
+    def put_back_known(x: torch.Tensor, step) -> torch.Tensor:
+        return latent_edit * x + (1 - latent_edit) * schedule.noised(known, noise, step.next_t)
+
+    callback = (lambda done, total: progress("denoise", done, total)) if progress else None
+    with torch.no_grad(), autocast_for(device):
+        latents = sample(make_denoise_fn(model, plan), noise, schedule, sampling.step_generator, callback, cancel,
+                         put_back_known)
+    if cancel is not None and cancel():
+        raise Cancelled("cancelled by the user")
+    return latents
+
+
+def decode_region(model: LoadedModel, latents: torch.Tensor,
+                  progress: Callable[[str, int, int], None] | None = None) -> np.ndarray:
+    """Decoded latents as HU, float (x, y, z)."""
+    if progress:
+        progress("decode", 0, 1)
+    generated = unit_to_hu(decode_latents(model.autoencoder, latents, model.scale_factor)[0, 0].numpy())
+    if progress:
+        progress("decode", 1, 1)
+    return generated
+
+
+def composite(roi_ct: np.ndarray, generated: np.ndarray, core: np.ndarray, edit: np.ndarray) -> np.ndarray:
+    """The ROI with ``generated`` inside ``core``, fading to ``roi_ct`` over ``FEATHER_VOXELS`` outside
+    it, and ``roi_ct`` unchanged outside ``edit``; ``roi_ct``'s dtype (integers rounded, clipped)."""
+    from scipy import ndimage
+
+    weight = np.clip(1.0 - ndimage.distance_transform_edt(~core) / (FEATHER_VOXELS + 1), 0.0, 1.0)
+    weight[~edit] = 0.0
+    blended = weight * generated + (1.0 - weight) * roi_ct
+    if np.issubdtype(roi_ct.dtype, np.integer):
+        info = np.iinfo(roi_ct.dtype)
+        blended = np.clip(np.rint(blended), info.min, info.max)
+    return np.where(edit, blended.astype(roi_ct.dtype), roi_ct)
+
+
+def paste(out: np.ndarray, roi_out: np.ndarray, edit: np.ndarray, start, size):
+    """Copy ``roi_out`` into ``out`` (in place) where ``edit`` holds, the ROI at ``start`` (may lie
+    partly outside ``out``); returns the (out, roi) slices of the overlap."""
+    src_lo = np.maximum(start, 0)
+    src_hi = np.minimum(start + size, out.shape)
+    dst = tuple(slice(a, b) for a, b in zip(src_lo, src_hi))
+    roi = tuple(slice(a - s, b - s) for a, b, s in zip(src_lo, src_hi, start))
+    out[dst] = np.where(edit[roi], roi_out[roi], out[dst])
+    return dst, roi
 
 
 def inpaint(
@@ -169,15 +258,6 @@ def inpaint(
     edit = ndimage.binary_dilation(roi_tumor, iterations=FEATHER_VOXELS)
 
     # 3. Encode, then denoise with the known latent put back outside the tumour region.
-    from ..vae.tsp import encode_exact
-
-    device = model.device
-    image01 = torch.from_numpy(hu_to_unit(roi_ct.astype(np.float32)).astype(np.float32))[None, None]
-    mu, _ = encode_exact(model.autoencoder, image01, device=device)
-    known = (mu * model.scale_factor).to(device)
-    latent_edit = torch.from_numpy(edit)[None, None].float()
-    latent_edit = torch.nn.functional.max_pool3d(latent_edit, 4)
-    latent_edit = torch.nn.functional.max_pool3d(latent_edit, 3, stride=1, padding=1).to(device)  # + 1 latent voxel
     spacing = tuple(float(s) for s in ct_ras.spacing)
     plan = GenerationPlan(
         size=tuple(int(s) for s in size),
@@ -188,43 +268,18 @@ def inpaint(
         output_affine=np.eye(4),
         reorientation=None,
     )
-    sampling = start_sampling(model.preset, device, plan.latent_shape, plan.steps, seed)
-    noise, schedule = sampling.noise, sampling.schedule
-    known = known.to(noise.dtype)
-
-    def put_back_known(x: torch.Tensor, step) -> torch.Tensor:
-        return latent_edit * x + (1 - latent_edit) * schedule.noised(known, noise, step.next_t)
-
-    callback = (lambda done, total: progress("denoise", done, total)) if progress else None
-    with torch.no_grad(), autocast_for(device):
-        latents = sample(make_denoise_fn(model, plan), noise, schedule, sampling.step_generator, callback, cancel,
-                         put_back_known)
-    if cancel is not None and cancel():
-        raise Cancelled("cancelled by the user")
+    known = encode_region(model, roi_ct)
+    latents = blended_sample(model, plan, known, edit, seed, progress, cancel)
 
     # 4. Decode and composite inside the dilated tumour region only.
-    if progress:
-        progress("decode", 0, 1)
-    generated = unit_to_hu(decode_latents(model.autoencoder, latents, model.scale_factor)[0, 0].numpy())
-    if progress:
-        progress("decode", 1, 1)
-    weight = np.clip(1.0 - ndimage.distance_transform_edt(~roi_tumor) / (FEATHER_VOXELS + 1), 0.0, 1.0)
-    weight[~edit] = 0.0
-    blended = weight * generated + (1.0 - weight) * roi_ct
-    if np.issubdtype(roi_ct.dtype, np.integer):
-        info = np.iinfo(roi_ct.dtype)
-        blended = np.clip(np.rint(blended), info.min, info.max)
-    roi_out = np.where(edit, blended.astype(roi_ct.dtype), roi_ct)
+    generated = decode_region(model, latents, progress)
+    roi_out = composite(roi_ct, generated, roi_tumor, edit)
 
     out_ras = ct_ras.array.copy()
     out_labels_ras = (
         np.rint(to_closest_ras(labels)[0].array).astype(np.int16) if labels is not None else np.zeros(ct_ras.shape, np.int16)
     )
-    src_lo = np.maximum(start, 0)
-    src_hi = np.minimum(start + size, ct_ras.shape)
-    dst = tuple(slice(a, b) for a, b in zip(src_lo, src_hi))
-    roi = tuple(slice(a - s, b - s) for a, b, s in zip(src_lo, src_hi, start))
-    out_ras[dst] = np.where(edit[roi], roi_out[roi], out_ras[dst])
+    dst, roi = paste(out_ras, roi_out, edit, start, size)
     region = out_labels_ras[dst]
     region[roi_tumor[roi]] = label_id
     if labels is None:

@@ -28,7 +28,7 @@ DECODE_METHODS = ("exact", "sliding-window", "plain")
 OUTPUT_FORMATS = ("nifti", "nrrd", "dicom")  # None: from --out's extension
 FIT_MODES = ("auto", "always", "never")
 WEIGHTS_ACTIONS = ("list", "download", "remove")
-DRAFT_MAX_STEPS = 10  # a draft's sampler evaluations at most (ab2: one per step)
+DRAFT_MAX_STEPS = 10  # a draft's network evaluations at most (ab2: N steps cost N + 1, so at most 9 steps)
 MAX_SEED = 2**63  # seeds are 0 <= seed < 2**63 (torch's generator takes 64-bit seeds)
 
 
@@ -241,9 +241,12 @@ class GenerateRequest(_Request):
         if self.draft:
             if self.update:
                 raise InputError("--draft and --update: choose one (an update regenerates part of a full result)")
-            if self.steps is not None and self.steps > DRAFT_MAX_STEPS:
-                raise InputError(f"--steps {self.steps} with --draft: a draft runs at most {DRAFT_MAX_STEPS} steps "
-                                 "(leave out --steps, or --draft for a full result)")
+            if self.steps is not None and self.steps > DRAFT_MAX_STEPS - 1:
+                raise InputError(f"--steps {self.steps} with --draft: a draft runs at most {DRAFT_MAX_STEPS} network "
+                                 f"evaluations, {DRAFT_MAX_STEPS - 1} ab2 steps (leave out --steps, or --draft for a "
+                                 "full result)")
+            if self.sampler not in ("euler", "ab2"):
+                raise InputError(f"--sampler {self.sampler} with --draft: a draft samples with ab2; leave out --sampler")
             if self.qc_retries:
                 raise InputError("--qc-retries checks a full result; leave it out of a --draft")
         if self.update_margin_mm is not None and not self.update:
@@ -257,6 +260,11 @@ class GenerateRequest(_Request):
             if not self.previous_labels:
                 raise InputError("--update PREVIOUS_CT needs --previous-labels (the labels PREVIOUS_CT was generated from)")
             _check_positive(self.update_margin_mm, "--update-margin", " of mm")
+            if self.size is not None or self.spacing is not None or self.fit != "auto" or self.on_mask_grid:
+                raise InputError("--update keeps the grid of PREVIOUS_CT and the masks: leave out --size, --spacing, "
+                                 "--fit-grid, --no-fit and --on-mask-grid")
+            if self.qc_retries:
+                raise InputError("--qc-retries regenerates a whole CT; leave it out of an --update")
 
     @property
     def maps_back(self) -> bool:

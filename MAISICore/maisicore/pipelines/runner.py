@@ -133,8 +133,13 @@ def run_generate(request: GenerateRequest, report: Report, cancel: Callable[[], 
     source = f", following {request.mask}" if request.mask else (
         f", anatomy {', '.join(request.anatomy)}" if request.anatomy else (
             f", mask generated with anatomy sizes {request.anatomy_size}" if request.anatomy_size else ""))
-    report.info(f"{prepared.preset.key} on {pipeline.model.device}: {_fmt(plan.size, 'd')} voxels at "
-                f"{_fmt(plan.spacing)} mm, {plan.steps} steps, seed {request.seed}{source}{region}")
+    if request.update:
+        report.info(f"{prepared.preset.key} on {pipeline.model.device}: updating {request.update} where {request.mask} "
+                    f"differs from {request.previous_labels}, {plan.steps} steps, seed {request.seed}")
+    else:
+        draft = "DRAFT of " if request.draft else ""
+        report.info(f"{prepared.preset.key} on {pipeline.model.device}: {draft}{_fmt(plan.size, 'd')} voxels at "
+                    f"{_fmt(plan.spacing)} mm, {plan.steps} steps, seed {request.seed}{source}{region}")
     result = pipeline(prepared, progress=report.progress, cancel=cancel, log=report.info)
     for note in result.notes[len(prepared.notes):]:
         report.note(note)
@@ -144,11 +149,16 @@ def run_generate(request: GenerateRequest, report: Report, cancel: Callable[[], 
     summary = RunSummary(files=files, seed_used=result.seed_used, qc=_qc_rows(result.qc), notes=result.notes,
                          timings=result.timings,
                          details={"shape": list(ct.shape), "spacing": [float(s) for s in ct.spacing],
-                                  "model": prepared.preset.key, "steps": plan.steps})
+                                  "model": prepared.preset.key, "steps": result.plan.steps,
+                                  "action": result.action})
     what = ", ".join(files.values()) or "nothing (no --out)"
     kind = "MR float32 intensities" if prepared.preset.intensity == "mr" else "CT int16 HU"
     message = (f"wrote {what} ({kind}, {_fmt(ct.shape, 'd')} voxels, {_fmt(ct.spacing, '.4g')} mm; "
                f"seed {result.seed_used})")
+    if result.action == "draft":
+        message = f"DRAFT (a quick look, not a final result): {message}"
+    elif result.action == "update":
+        message = f"{message}; only the changed region was regenerated, every other voxel is {request.update}'s"
     report.result(summary, message)
     return summary
 
