@@ -38,7 +38,7 @@ from ..diffusion.sampling import sample, start_sampling
 from ..errors import Cancelled, InputError
 from ..io.geometry import Volume, to_closest_ras, undo_reorientation
 from ..models.weights import LoadedModel
-from ..vae.decode import autocast_for, decode_latents, hu_to_unit, unit_to_hu
+from ..vae.decode import decode_latents, hu_to_unit, unit_to_hu
 from .generate import GenerationPlan, make_denoise_fn
 from .requests import InpaintRequest
 
@@ -129,13 +129,21 @@ def inpaint(
     steps: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    numerics=None,
 ) -> InpaintResult:
     """Generate a ``tumor_type`` tumour inside ``tumor_mask`` (bool, ``ct``'s grid) of ``ct`` (HU).
 
     ``labels``: MAISI anatomy labels on ``ct``'s grid (e.g. from ``maisi labels convert``); without
     them the body envelope of the ROI and the tumour are the only condition (quality drops).
-    Voxels outside the dilated tumour region are returned unchanged.
+    Voxels outside the dilated tumour region are returned unchanged. ``numerics``
+    (``maisicore.precision.Numerics``): the precision of the networks and the decode (the encoder
+    stays float32); default the reference's for the model's device.
     """
+    from ..precision import reference_numerics_for
+    from .generate import loop_autocast
+
+    if numerics is None:
+        numerics = reference_numerics_for(model.device.type)
     from scipy import ndimage
 
     from ..anatomy.body import body_from_ct
@@ -187,7 +195,8 @@ def inpaint(
         output_affine=np.eye(4),
         reorientation=None,
     )
-    sampling = start_sampling(model.preset, device, plan.latent_shape, plan.steps, seed)
+    sampling = start_sampling(model.preset, device, plan.latent_shape, plan.steps, seed,
+                              float16_noise=numerics.float16_inputs)
     noise, schedule = sampling.noise, sampling.schedule
     known = known.to(noise.dtype)
 
@@ -195,8 +204,8 @@ def inpaint(
         return latent_edit * x + (1 - latent_edit) * schedule.noised(known, noise, step.next_t)
 
     callback = (lambda done, total: progress("denoise", done, total)) if progress else None
-    with torch.no_grad(), autocast_for(device):
-        latents = sample(make_denoise_fn(model, plan), noise, schedule, sampling.step_generator, callback, cancel,
+    with torch.no_grad(), loop_autocast(device, numerics):
+        latents = sample(make_denoise_fn(model, plan, numerics), noise, schedule, sampling.step_generator, callback, cancel,
                          put_back_known)
     if cancel is not None and cancel():
         raise Cancelled("cancelled by the user")
@@ -204,7 +213,8 @@ def inpaint(
     # 4. Decode and composite inside the dilated tumour region only.
     if progress:
         progress("decode", 0, 1)
-    generated = unit_to_hu(decode_latents(model.autoencoder, latents, model.scale_factor)[0, 0].numpy())
+    generated = unit_to_hu(decode_latents(model.autoencoder, latents, model.scale_factor,
+                                                 numerics=numerics)[0, 0].numpy())
     if progress:
         progress("decode", 1, 1)
     weight = np.clip(1.0 - ndimage.distance_transform_edt(~roi_tumor) / (FEATHER_VOXELS + 1), 0.0, 1.0)
@@ -340,11 +350,14 @@ class InpaintPipeline:
     def from_request(cls, request: InpaintRequest, device: str | None = None) -> InpaintPipeline:
         """Load the request's model onto ``device`` (default ``request.device``)."""
         from ..models.weights import check_weight_files, load_model, resolve_model
+        from ..precision import resolve_precision
         from ..validation import resolve_device
 
         preset, weights_dir = resolve_model(request.model, request.weights_dir)
         check_weight_files(preset, weights_dir)
-        return cls(load_model(preset, weights_dir, resolve_device(device or request.device)))
+        device = resolve_device(device or request.device)
+        choice = resolve_precision(request.precision, device, request.reference_numerics)
+        return cls(load_model(preset, weights_dir, device, attention=choice.attention))
 
     def __call__(
         self,
@@ -355,9 +368,12 @@ class InpaintPipeline:
     ) -> InpaintResult:
         """Run a request (or a prepared one); nothing is written (``write_inpaint_result``)."""
         prepared = request if isinstance(request, PreparedInpaint) else prepare_inpaint(request, image)
+        from .generate import precision_numerics
+
         r = prepared.request
+        numerics = precision_numerics(self.model, r)
         return inpaint(self.model, prepared.ct, prepared.tumor_mask, r.tumor_type, prepared.labels, r.seed, r.steps,
-                       progress=progress, cancel=cancel)
+                       progress=progress, cancel=cancel, numerics=numerics)
 
 
 def write_inpaint_result(result: InpaintResult, request: InpaintRequest) -> dict[str, object]:
