@@ -112,12 +112,14 @@ def run_generate(request: GenerateRequest, report: Report, cancel: Callable[[], 
     from .admission import check_admission
     from .generate import GeneratePipeline, prepare_generation
 
+    if isinstance(request.device, str) and isinstance(request.precision, str):  # fp16 on the CPU: refused first
+        resolve_precision(request.precision, resolve_device(request.device), request.reference_numerics)
     prepared = prepare_generation(request, log=report.info)  # every check before any network
     for note in prepared.notes:
         report.note(note)
     device = resolve_device(request.device)
     resolve_devices(request.devices)  # --devices present on this machine, before any network
-    precision = resolve_precision(request.precision, device, request.reference_numerics)  # fp16 on the CPU → InputError
+    precision = resolve_precision(request.precision, device, request.reference_numerics)
     estimate = check_admission(prepared, device.type, precision=precision)  # too large → InputError before any network
     plan = prepared.plan
     if request.dry_run:
