@@ -391,3 +391,34 @@ def test_reference_numerics_latents_equal_nvidias(reference, reference_dir, tiny
     print(f"{model_name} {'mask' if with_mask else 'image only'}: default (SDPA, fp32) vs NVIDIA max |Δ| {delta:.2e}, "
           f"|latent| max {nvidia.abs().max().item():.2f}")
     assert delta < 1e-4
+
+
+# ---- torch-free rule, Slicer ----------------------------------------------------------------------
+
+
+def test_precision_rule_imports_without_torch():
+    from test_slicer_imports import _heavy_modules_after
+
+    assert _heavy_modules_after("import maisicore.precision; maisicore.precision.resolve_precision('auto', 'cpu')") == []
+
+
+def test_slicer_reference_numerics_checkbox_reaches_the_request():
+    import sys
+    from xml.etree import ElementTree
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "MAISIGenerate"))
+    from maisicore.pipelines.requests import GenerateRequest, InpaintRequest
+    from MAISIGenerateLib.logic import _model_options
+    from MAISIGenerateLib.parameters import RunOptions
+
+    ui = Path(__file__).resolve().parent.parent / "MAISIGenerate" / "Resources" / "UI" / "MAISIGenerate.ui"
+    box = next(w for w in ElementTree.parse(ui).getroot().iter("widget") if w.get("name") == "referenceNumericsCheckBox")
+    assert box.get("class") == "QCheckBox"
+    assert next(p for p in box.findall("property") if p.get("name") == "SlicerParameterName").findtext("string") == \
+        "referenceNumerics"
+    assert "referenceNumerics: bool = False" in (ui.parent.parent.parent / "MAISIGenerate.py").read_text()
+    shared = _model_options(RunOptions(model="demo", reference_numerics=True))
+    assert GenerateRequest(**shared).reference_numerics is True
+    shared.pop("modality")
+    assert InpaintRequest(image="ct.nrrd", tumor_type="hepatic tumor", **shared).reference_numerics is True
+    assert _model_options(RunOptions())["reference_numerics"] is False
