@@ -422,3 +422,32 @@ def test_slicer_reference_numerics_checkbox_reaches_the_request():
     shared.pop("modality")
     assert InpaintRequest(image="ct.nrrd", tumor_type="hepatic tumor", **shared).reference_numerics is True
     assert _model_options(RunOptions())["reference_numerics"] is False
+
+
+def test_gpu_check_precision_column(tiny_weights, monkeypatch):
+    """benchmarks/gpu_check.py (run on a GPU only): its CPU-side logic, the precisions it times and its
+    table, and one timing pass on the tiny networks."""
+    import importlib.util
+
+    from maisicore.models.presets import get_preset
+    from maisicore.models.weights import load_model
+    from maisicore.pipelines.generate import plan_generation
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    monkeypatch.setenv("MAISI_CPU_BF16", "0")
+    choices, notes = gpu_check.runnable_precisions("cpu")
+    assert [c.name for c in choices] == ["fp32", "bf16"]
+    assert any(n.startswith("fp16 skipped") for n in notes) and any("emulated" in n for n in notes)
+    assert [c.name for c in gpu_check.runnable_precisions("cuda")[0]] == ["fp32", "fp16", "bf16"]
+    model = load_model(get_preset("rflow-ct", "tiny"), tiny_weights["rflow-ct"], "cpu")
+    labels = _mask().astype(np.int64)
+    plan = plan_generation(model.preset, mask=Volume(labels, np.diag([4.0, 4.0, 4.0, 1.0])), steps=1, allow_any_size=True)
+    rows = [row for choice in choices for row in gpu_check.time_networks(model, plan, choice, repeats=1)]
+    assert [(r["precision"], r["network"]) for r in rows] == [
+        (p, n) for p in ("fp32", "bf16") for n in ("controlnet", "diffusion_unet", "vae_decoder")]
+    assert all(r["seconds"] > 0 for r in rows)
+    table = gpu_check.format_precision_table(rows)
+    assert table.splitlines()[0].split() == ["network", "fp32", "bf16"] and "×)" in table
