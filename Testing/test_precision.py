@@ -108,7 +108,7 @@ def test_inpaint_and_vae_take_precision(maisi, tmp_path):
     result = maisi("inpaint", "--image", tmp_path / "none.nii.gz", "--tumor-type", "hepatic tumor", "--tumor-center",
                    "0", "0", "0", "--tumor-diameter", "10", "--reference-numerics", "--precision", "fp32",
                    "--device", "cpu", "--out", tmp_path / "o.nii.gz")
-    assert result.returncode == 2
+    assert result.returncode == 2 and "leave out --precision fp32" in result.stderr, result.stderr
     result = maisi("vae", "decode", "--weights", tmp_path / "ae.pt", "--latent", tmp_path / "z.nii.gz",
                    "--precision", "fp16", "--device", "cpu", "--out", tmp_path / "ct.nii.gz")
     assert result.returncode == 2 and "CUDA's float16" in result.stderr, result.stderr
@@ -192,6 +192,15 @@ def test_batch_precision_default_and_model_cache(tmp_path):
     assert [i.request["precision"] for i in read_manifest(manifest)] == ["auto", "fp32", "auto"]
     with pytest.raises(InputError):
         read_manifest(manifest, 0, "fp64")
+    # A worker keeps one loaded model per attention; the precision (autocast per call) is no part of the key.
+    from maisicore.pipelines.batch import BatchWorker, WorkerConfig
+
+    threads = torch.get_num_threads()
+    worker = BatchWorker(WorkerConfig(str(tmp_path), device="cpu", threads=threads))  # keeps this process's threads
+    fp32, bf16, reference = (item.build("cpu") for item in read_manifest(manifest, 0, "bf16"))
+    assert worker.model(fp32) is worker.model(bf16) and worker.model(fp32).attention == "sdpa"
+    assert worker.model(reference) is not worker.model(fp32) and worker.model(reference).attention == "monai"
+    assert len(worker._models) == 2
 
 
 # ---- the demo model: bfloat16 against float32; fp32 is today's output ----------------------------
