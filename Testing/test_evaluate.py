@@ -212,7 +212,7 @@ def test_report_folder_must_be_new_or_empty(maisi, cases, tmp_path):
 
 
 def test_frd_equals_frd_score_called_directly(cases, tmp_path):
-    pytest.importorskip("radiomics", reason="FRD needs pyradiomics (see README, Evaluate)")
+    pytest.importorskip("radiomics", reason="FRD needs pyradiomics (see docs/evaluation.md)")
     from frd_score import compute_frd
     from maisicore.evaluation.frd import frd
 

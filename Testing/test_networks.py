@@ -153,7 +153,7 @@ def test_lean_forward_equals_monai_forward():
             slabs = conditioning_embedding(embedding, condition, min_bytes=0, slab_bytes=slab_bytes)
             # oneDNN picks its kernels by problem size, so slabs may round differently (measured here:
             # identical, values up to 0.12; at official width and 384³ the UNet output of
-            # benchmarks/attention_cpu.py within 1.1e-5 of values up to 5.9: see the README).
+            # benchmarks/attention_cpu.py within 1.1e-5 of values up to 5.9: see docs/memory-and-speed.md).
             assert (slabs - whole).abs().max() <= 1e-6 * max(1.0, whole.abs().max().item())
 
     with torch.enable_grad():  # training: MONAI's own forward (autograd keeps what the lean one frees)

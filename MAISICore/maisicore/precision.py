@@ -201,3 +201,19 @@ def torch_dtype(name: str | None):
     import torch
 
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def autocast_for(device, numerics: Numerics | None = None):
+    """The autocast a decode runs under on ``device`` (a torch device): ``numerics.decode_autocast``;
+    without ``numerics`` the reference's rule: float16 autocast on CUDA, nothing (float32) elsewhere."""
+    import contextlib
+
+    import torch
+
+    if numerics is None:
+        if device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+    if numerics.decode_autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch_dtype(numerics.decode_autocast))

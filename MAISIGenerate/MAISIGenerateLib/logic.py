@@ -234,7 +234,7 @@ def suggest_grid(labels, model: str = "rflow-ct") -> tuple[tuple[int, int, int],
 
 # Rough cost of the official-width networks on 2 CPU cores (this project's CI machine): one UNet +
 # ControlNet pass ~1e-4 s per latent voxel (measured: 1.3 s for a 24^3 latent), the exact VAE decode
-# ~1.6e-5 s per image voxel (README, Memory: 33 s for 128^3). CUDA: an assumed 50x speed-up.
+# ~1.6e-5 s per image voxel (docs/memory-and-speed.md: 33 s for 128^3). CUDA: an assumed 50x speed-up.
 # Shown to the user as an order of magnitude only.
 SECONDS_PER_LATENT_VOXEL_STEP = {"cpu": 1.0e-4, "cuda": 2e-6}
 SECONDS_PER_IMAGE_VOXEL_DECODE = {"cpu": 1.6e-5, "cuda": 3.2e-7}

@@ -19,6 +19,34 @@ import numpy as np
 from ..errors import InputError
 from ..io.volumes import atomic_write, read_json
 
+# The figures of metrics.json's "summary", which `compare` compares:
+# name → (where in the full result, True when higher is better)
+SUMMARY_KEYS = {
+    "fid_2_5d.xy": (("fid_2_5d", "xy"), False),
+    "fid_2_5d.yz": (("fid_2_5d", "yz"), False),
+    "fid_2_5d.zx": (("fid_2_5d", "zx"), False),
+    "fid_2_5d.average": (("fid_2_5d", "average"), False),
+    "frd": (("frd", "value"), False),
+    "vae.mae_hu": (("vae", "mean_mae_hu"), False),
+    "vae.psnr_db": (("vae", "mean_psnr_db"), True),
+    "vae.ssim": (("vae", "mean_ssim"), True),
+    "fidelity.synthetic_pass_fraction": (("fidelity", "synthetic", "pass_fraction"), True),
+    "fidelity.real_pass_fraction": (("fidelity", "real", "pass_fraction"), True),
+    "diversity.ms_ssim": (("diversity", "ms_ssim_mean"), False),
+}
+
+
+def summary(result: dict) -> dict:
+    """The scalar figures of a result, by ``SUMMARY_KEYS`` name (absent ones left out)."""
+    out = {}
+    for name, (path, _) in SUMMARY_KEYS.items():
+        value = result
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, (int, float)):
+            out[name] = float(value)
+    return out
+
 
 def _fmt(value, digits: int = 3) -> str:
     if value is None:
@@ -190,8 +218,6 @@ def _metrics_of(path: str | os.PathLike, what: str) -> dict:
 def compare(a: str | os.PathLike, b: str | os.PathLike) -> tuple[str, list[dict]]:
     """Compare two reports (folders or their metrics.json): a markdown table and its rows
     (metric, a, b, change b − a, verdict: ``better``/``worse``/``same`` for B against A)."""
-    from .run import SUMMARY_KEYS
-
     first, second = _metrics_of(a, "A"), _metrics_of(b, "B")
     rows = []
     for name, (_, higher_better) in SUMMARY_KEYS.items():

@@ -22,6 +22,7 @@ import numpy as np
 from ..errors import InputError
 from ..io.geometry import Volume, to_closest_ras
 from ..io.volumes import VOLUME_EXTENSIONS, read_json, read_volume, volume_extension
+from .report import SUMMARY_KEYS, summary  # noqa: F401  (SUMMARY_KEYS: importable from here as before)
 
 METRICS = ("fid-2.5d", "frd", "vae", "fidelity", "diversity")
 DEFAULT_METRICS = ("vae", "fidelity", "diversity")
@@ -319,31 +320,3 @@ def _frd(real_cases: list[Case], synthetic_cases: list[Case], full: bool, log) -
         value = frd(real_files, synthetic_files, real_masks, synthetic_masks, image_types)
     return {"value": value, "masks": "labels > 0" if with_masks else "whole image",
             "version": "frd-score v1 defaults" + ("" if full else ", image types: Original only")}
-
-
-# name → (where in metrics.json, True when higher is better)
-SUMMARY_KEYS = {
-    "fid_2_5d.xy": (("fid_2_5d", "xy"), False),
-    "fid_2_5d.yz": (("fid_2_5d", "yz"), False),
-    "fid_2_5d.zx": (("fid_2_5d", "zx"), False),
-    "fid_2_5d.average": (("fid_2_5d", "average"), False),
-    "frd": (("frd", "value"), False),
-    "vae.mae_hu": (("vae", "mean_mae_hu"), False),
-    "vae.psnr_db": (("vae", "mean_psnr_db"), True),
-    "vae.ssim": (("vae", "mean_ssim"), True),
-    "fidelity.synthetic_pass_fraction": (("fidelity", "synthetic", "pass_fraction"), True),
-    "fidelity.real_pass_fraction": (("fidelity", "real", "pass_fraction"), True),
-    "diversity.ms_ssim": (("diversity", "ms_ssim_mean"), False),
-}
-
-
-def summary(result: dict) -> dict:
-    """The scalar figures of a result, by ``SUMMARY_KEYS`` name (absent ones left out)."""
-    out = {}
-    for name, (path, _) in SUMMARY_KEYS.items():
-        value = result
-        for key in path:
-            value = value.get(key) if isinstance(value, dict) else None
-        if isinstance(value, (int, float)):
-            out[name] = float(value)
-    return out

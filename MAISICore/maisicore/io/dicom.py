@@ -10,7 +10,7 @@ What lives here:
 - ``read_seg``: a DICOM SEG (highdicom) as a MAISI label volume, each segment matched to a MAISI
   label by its name, else by its coded terminology (the label table's rules, as for Slicer segments).
 - ``write_dicom``: a CT as a new DICOM series and its labels as a DICOM SEG that references it,
-  marked synthetic (see ``Provenance`` and the README's DICOM section for the attributes used).
+  marked synthetic (see ``Provenance`` and docs/dicom.md for the attributes used).
 
 What is NOT here: NIfTI/NRRD (``maisicore.io.volumes``), label ids and names (``anatomy.labels``).
 """
@@ -429,16 +429,6 @@ def check_dicom_output(path: str | os.PathLike, what: str = "--out") -> Path:
     if not os.access(parent, os.W_OK):
         raise InputError(f"{what} {path}: folder {parent} is not writable")
     return path
-
-
-def check_output(path: str | os.PathLike, output_format: str | None, what: str = "--out") -> Path:
-    """Check an output before any compute: a new folder for ``output_format == "dicom"``, else a
-    volume file (``maisicore.io.volumes.check_output_path``)."""
-    if output_format == "dicom":
-        return check_dicom_output(path, what)
-    from .volumes import check_output_path
-
-    return check_output_path(path, what)
 
 
 _PATIENT_STUDY = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "PatientAge",

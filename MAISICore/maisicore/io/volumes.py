@@ -49,6 +49,16 @@ def check_output_path(path: str | os.PathLike, what: str = "output") -> Path:
     return check_output_folder(path, what)
 
 
+def check_output(path: str | os.PathLike, output_format: str | None, what: str = "--out") -> Path:
+    """Check an output before any compute: a new folder for ``output_format == "dicom"``
+    (``maisicore.io.dicom.check_dicom_output``), else a volume file (``check_output_path``)."""
+    if output_format == "dicom":
+        from .dicom import check_dicom_output
+
+        return check_dicom_output(path, what)
+    return check_output_path(path, what)
+
+
 def read_json(path: str | os.PathLike, what: str):
     """The parsed JSON file ``path``; one-line ``InputError`` (prefixed ``what``, e.g. the option)
     when it is missing or not JSON."""

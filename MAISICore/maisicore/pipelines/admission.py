@@ -22,7 +22,7 @@ Peak = baseline + weights + the largest of the three phases. On CUDA the device 
 (weights, activations in float16, flash attention: no N² term; the decode's plan).
 
 The per-width constants were measured on CPU with ``benchmarks/memory_model.py`` (peak RSS of each
-phase, read from /proc/self/status VmHWM) at sizes other than the ones the README validates.
+phase, read from /proc/self/status VmHWM) at sizes other than the ones docs/memory-and-speed.md validates.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ GiB = 2**30
 # no_grad above the built networks: tiny width 109 MiB at latent 32×32×16 and 301 MiB at 48×48×16,
 # i.e. a fixed 56 MiB (first-call workspaces) + 7.0 kB per latent voxel; official width 269 MiB at
 # 32³ (7.0 kB with the same fixed part). The image-resolution condition embedding, alike in both
-# widths, dominates. The README's validation runs are whole generations at other sizes.
+# widths, dominates. The validation runs in docs/memory-and-speed.md are whole generations at other sizes.
 DENOISE_BYTES_PER_LATENT_VOXEL = 7_000
 DENOISE_FIXED_BYTES = 56 * 2**20
 LOAD_OVERHEAD_BYTES = 32 * 2**20  # the networks' module objects and allocator slack beyond the tensors

@@ -467,7 +467,7 @@ def prepare_generation(
     request.check(has_mask_volume=mask is not None)
     check_output_paths(request)
     if request.out:
-        from ..io.dicom import check_output
+        from ..io.volumes import check_output
 
         check_output(request.out, request.format, "--out")
     if request.label_out:

@@ -304,7 +304,8 @@ def prepare_inpaint(request: InpaintRequest, image: Volume | None = None) -> Pre
     request.check(has_image_volume=image is not None)
     check_output_paths(request)
     if request.out:
-        from ..io.dicom import check_output, is_dicom_path
+        from ..io.dicom import is_dicom_path
+        from ..io.volumes import check_output
 
         check_output(request.out, request.format, "--out")
         if request.keep_patient and (image is not None or not is_dicom_path(request.image)):

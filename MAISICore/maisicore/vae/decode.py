@@ -20,24 +20,11 @@ import torch
 
 from ..devices import check_decode_method
 from ..errors import InputError
+from ..precision import autocast_for  # the precision rule; callers import it from here too
 
 DECODERS = ("exact", "sliding-window", "plain")
 SLIDING_WINDOW = (48, 48, 48)  # latent voxels (reference config_infer.json)
 SLIDING_OVERLAP = 0.6666
-
-
-def autocast_for(device: torch.device, numerics=None):
-    """The decode's autocast: ``numerics.decode_autocast`` (``maisicore.precision.Numerics``); without
-    ``numerics`` the reference's: float16 autocast on CUDA, nothing (float32) elsewhere."""
-    if numerics is None:
-        if device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
-        return contextlib.nullcontext()
-    if numerics.decode_autocast is None:
-        return contextlib.nullcontext()
-    from ..precision import torch_dtype
-
-    return torch.autocast(device.type, dtype=torch_dtype(numerics.decode_autocast))
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """Tensor splitting parallelism (TSP): the MAISI VAE decoder and encoder run exactly, slab by slab,
 in bounded memory, with the weights of MONAI's ``AutoencoderKlMaisi`` unchanged.
 
-Design (chosen by measurement, see the README's "Memory" section)
+Design (chosen by measurement, see docs/memory-and-speed.md)
 ------------------------------------------------------------------
 The network is rebuilt as a graph of lazy nodes over the first spatial axis (the axis whose slices
 are contiguous in memory): ``Conv`` (halo k//2; stride-2 downsampling with the encoder's one-sided
@@ -885,8 +885,7 @@ def decode_exact(
     """
     if latents.ndim != 5 or latents.shape[0] != 1:
         raise ValueError(f"latents must be (1, C, X, Y, Z), got {tuple(latents.shape)}")
-    from ..precision import torch_dtype
-    from .decode import autocast_for
+    from ..precision import autocast_for, torch_dtype
 
     conv_dtype = torch_dtype(numerics.decode_conv) if numerics is not None else torch.float32
     devices = [torch.device(d) for d in devices] if devices else None
