@@ -74,8 +74,9 @@ def _cmd_vae_encode(args) -> int:
     device = resolve_device(args.device)
     from ..precision import resolve_precision
 
-    _say(f"{resolve_precision(args.precision, device).describe()}; the encoder runs in float32")
+    precision = resolve_precision(args.precision, device)  # fp16 on the CPU: refused before any reading
     ct = read_volume(args.image, modality="CT")
+    _say(f"{precision.describe()}; the encoder runs in float32")
     autoencoder = load_autoencoder(args.weights, device)
     latent, affine, sidecar = encode_ct(autoencoder, ct, device, budget, log=_say)
     write_latent(args.out, latent, affine, sidecar)
@@ -103,8 +104,8 @@ def _cmd_vae_decode(args) -> int:
     from ..precision import numerics_for, resolve_precision
 
     precision = resolve_precision(args.precision, device)
-    _say(precision.describe())
     latent, affine = read_latent(args.latent)
+    _say(precision.describe())
     autoencoder = load_autoencoder(args.weights, device)
     ct = decode_latent(autoencoder, latent, affine, device, args.scale_factor, args.decode, budget, log=_say,
                        devices=devices, numerics=numerics_for(precision, device.type))
