@@ -142,6 +142,7 @@ class MAISIGenerateParameterNode:
     steps: Annotated[int, WithinRange(0, 1000)] = 0  # 0: the model's default
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     allowAnySize: bool = False
+    referenceNumerics: bool = False  # NVIDIA's attention and precision (request field reference_numerics)
 
 
 
@@ -651,6 +652,7 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             device=p.device,
             allow_any_size=p.allowAnySize,
             modality=None if p.modality == "auto" else p.modality,
+            reference_numerics=p.referenceNumerics,
         )
         if p.mode == "segmentation":
             source = FromSegmentation(p.inputSegmentation, p.referenceVolume, self._overrides(), p.addBody, p.fitGrid)

@@ -14,7 +14,8 @@ from maisicore.models.presets import get_preset
 from maisicore.models.weights import load_model
 from maisicore.pipelines.generate import generate, plan_generation
 
-GRID = ["--size", 64, 64, 32, "--spacing", 4, 4, 4, "--allow-any-size", "--device", "cpu"]
+# fp32 explicitly: the same numbers on a machine whose --precision auto picks bfloat16
+GRID = ["--size", 64, 64, 32, "--spacing", 4, 4, 4, "--allow-any-size", "--device", "cpu", "--precision", "fp32"]
 
 
 def _sha(path) -> str:

@@ -41,7 +41,8 @@ def off_grid_mask(tmp_path_factory) -> tuple:
 
 def _request(weights: dict, mask, out, label_out, **extra) -> GenerateRequest:
     return GenerateRequest(model="rflow-ct", weights_dir=str(weights["rflow-ct"]), mask=str(mask), out=str(out),
-                           label_out=str(label_out), seed=3, steps=2, device="cpu", allow_any_size=True, **extra)
+                           label_out=str(label_out), seed=3, steps=2, device="cpu", allow_any_size=True,
+                           **{"precision": "fp32", **extra})
 
 
 @pytest.mark.slow
@@ -50,7 +51,7 @@ def test_cli_python_api_and_run_request_write_identical_files(tiny_weights, off_
     # 1. The human command line, in-process.
     code = cli.main(["generate", "--model", "rflow-ct", "--weights-dir", str(tiny_weights["rflow-ct"]),
                      "--mask", str(mask), "--seed", "3", "--steps", "2", "--device", "cpu", "--allow-any-size",
-                     "--out", str(tmp_path / "cli.nii.gz"), "--label-out", str(tmp_path / "cli_labels.nii.gz")])
+                     "--precision", "fp32", "--out", str(tmp_path / "cli.nii.gz"), "--label-out", str(tmp_path / "cli_labels.nii.gz")])
     assert code == 0
     # 2. The Python API: request → pipeline → result → files.
     request = _request(tiny_weights, mask, tmp_path / "api.nii.gz", tmp_path / "api_labels.nii.gz")

@@ -12,6 +12,11 @@ norm), then, for each size:
    decode when it fits the budget), against MONAI's own decode at float16 (autocast, the published
    ``num_splits``), max |Δ| on the [0, 1] scale (1 = 2000 HU).
 
+3. per precision (``--precisions``, default fp32, fp16, bf16; fp16 only on CUDA): seconds of one
+   ControlNet forward, one diffusion UNet forward and one VAE decode (the split decoder's default
+   plan), each under that precision's numerics (``maisicore.precision.numerics_for``), at the first
+   size; printed as a table with a precision column.
+
 Prints, per stage: wall seconds and peak memory (CUDA: ``torch.cuda.max_memory_allocated``;
 CPU: the process's VmHWM, reset between stages through /proc/self/clear_refs).
 
@@ -162,6 +167,105 @@ def check_size(model, size, steps: int, budget_bytes, rows: list) -> dict:
     return result
 
 
+PRECISION_NAMES = ("fp32", "fp16", "bf16")
+
+
+def runnable_precisions(device_type: str, names=PRECISION_NAMES) -> tuple[list, list[str]]:
+    """(``PrecisionChoice`` per name that runs on ``device_type``, notes on those skipped): fp16 is
+    CUDA's autocast only; bf16 on a CPU without native bfloat16 runs emulated (noted)."""
+    from maisicore.errors import InputError
+    from maisicore.precision import choose_precision, cpu_bf16_native
+
+    choices, notes = [], []
+    flag = cpu_bf16_native() if device_type == "cpu" else None
+    for name in names:
+        try:
+            choice = choose_precision(name, device_type, flag)
+        except InputError as exc:
+            notes.append(f"{name} skipped: {exc}")
+            continue
+        if choice.name == "bf16" and device_type == "cpu" and not flag:
+            notes.append("bf16 on this CPU is emulated (no avx512_bf16/amx_bf16): slower than fp32")
+        choices.append(choice)
+    return choices, notes
+
+
+def time_networks(model, plan, choice, repeats: int = 2) -> list[dict]:
+    """Seconds (best of ``repeats`` after a warm-up) of one ControlNet forward, one diffusion UNet
+    forward and one VAE decode of a random latent under ``choice``'s numerics."""
+    import contextlib
+
+    import torch
+    from maisicore.pipelines.generate import plan_conditions
+    from maisicore.precision import numerics_for, torch_dtype
+    from maisicore.vae.decode import decode_latents
+
+    device = model.device
+    numerics = numerics_for(choice, device.type)
+    dtype = torch.float16 if numerics.float16_inputs else torch.float32
+    unet_kwargs, condition = plan_conditions(model.preset, plan, device, dtype)
+    x = torch.randn((1, *plan.latent_shape), generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    t = torch.tensor([500.0], device=device)
+    autocast = numerics.loop_autocast or numerics.network_autocast
+
+    def context():
+        return torch.autocast(device.type, dtype=torch_dtype(autocast)) if autocast else contextlib.nullcontext()
+
+    def controlnet():
+        with context():
+            return model.controlnet(x=x, timesteps=t, controlnet_cond=condition, class_labels=unet_kwargs.get("class_labels"))
+
+    down, mid = controlnet()
+
+    def unet():
+        with context():
+            return model.diffusion_unet(x=x, timesteps=t, **unet_kwargs, down_block_additional_residuals=down,
+                                        mid_block_additional_residual=mid)
+
+    def decode():
+        return decode_latents(model.autoencoder, x.float(), 1.0, "exact", numerics=numerics)
+
+    rows = []
+    for network, fn, warm in (("controlnet", controlnet, True), ("diffusion_unet", unet, True),
+                              ("vae_decoder", decode, False)):
+        best = None
+        with torch.no_grad():
+            if warm:
+                fn()
+            for _ in range(repeats if warm else 1):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                started = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds = time.perf_counter() - started
+                best = seconds if best is None else min(best, seconds)
+        rows.append({"precision": choice.name, "network": network, "seconds": round(best, 4)})
+    return rows
+
+
+def format_precision_table(rows: list[dict]) -> str:
+    """Rows of ``time_networks`` as a table: one line per network, one column per precision (seconds,
+    and the speed-up over fp32 where fp32 was timed)."""
+    precisions = list(dict.fromkeys(r["precision"] for r in rows))
+    networks = list(dict.fromkeys(r["network"] for r in rows))
+    seconds = {(r["network"], r["precision"]): r["seconds"] for r in rows}
+    lines = [f"  {'network':<16}" + "".join(f"{p:>18}" for p in precisions)]
+    for network in networks:
+        cells = []
+        for p in precisions:
+            value, base = seconds.get((network, p)), seconds.get((network, "fp32"))
+            if value is None:
+                cells.append(f"{'-':>18}")
+            elif base and p != "fp32":
+                cells.append(f"{value:9.3f} s ({base / value:4.2f}×)")
+            else:
+                cells.append(f"{value:16.3f} s")
+        lines.append(f"  {network:<16}" + "".join(cells))
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -169,6 +273,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="denoising steps (default 4; 1 with --small)")
     parser.add_argument("--memory-budget", type=float, metavar="GB", help="for the decodes (default: free memory)")
     parser.add_argument("--json", help="also write the numbers here")
+    parser.add_argument("--precisions", default=",".join(PRECISION_NAMES),
+                        help="precisions timed per network at the first size (default fp32,fp16,bf16; '' for none)")
     args = parser.parse_args()
 
     import torch
@@ -186,11 +292,27 @@ def main() -> None:
     budget = int(args.memory_budget * 2**30) if args.memory_budget else None
     results = [check_size(model, size, args.steps or (1 if args.small else 4), budget, rows)
                for size in (SMALL_SIZES if args.small else SIZES)]
+    precision_rows: list = []
+    names = [n.strip() for n in args.precisions.split(",") if n.strip()]
+    if names:
+        from maisicore.pipelines.generate import plan_generation
+
+        size = (SMALL_SIZES if args.small else SIZES)[0]
+        spacing = (512.0 / size[0], 512.0 / size[1], 640.0 / size[2])
+        plan = plan_generation(model.preset, mask=synthetic_mask(size, spacing), steps=1, allow_any_size=True)
+        choices, notes = runnable_precisions(device.type, names)
+        for note in notes:
+            print(f"  {note}")
+        print(f"per network and precision, {'×'.join(map(str, size))} voxels:", flush=True)
+        for choice in choices:
+            precision_rows += time_networks(model, plan, choice)
+        print(format_precision_table(precision_rows), flush=True)
     total = time.perf_counter() - started
     print(f"total {total:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"info": info, "stages": rows, "results": results, "total_s": total}, f, indent=2)
+            json.dump({"info": info, "stages": rows, "results": results, "precisions": precision_rows,
+                       "total_s": total}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -130,12 +130,90 @@ def resolve_precision(precision: str, device, reference_numerics: bool = False) 
                             reference_numerics)
 
 
-def autocast_for(device):
-    """The reference's rule: float16 autocast on CUDA, nothing (float32) elsewhere (a torch device)."""
+@dataclass(frozen=True)
+class Numerics:
+    """How each stage of a run computes, decided from its ``PrecisionChoice`` and the device type
+    alone (``numerics_for``; like ``models.networks.device_settings``, testable without a GPU).
+    Data types are named as strings (``float32``, ``bfloat16``, ``float16``); ``torch_dtype`` maps them.
+
+    - ``loop_autocast``: the whole sampling loop and the decode run under this CUDA autocast with
+      float16 noise and conditions (the reference's path, and the path of every CUDA run before
+      ``--precision``): CUDA + fp16 only, else None.
+    - ``network_autocast``: each UNet/ControlNet call runs under ``torch.autocast`` in this format and
+      its prediction is cast back to float32 before the sampler's step (latents and step arithmetic
+      stay float32); None: float32 networks (or covered by ``loop_autocast``).
+    - ``decode_conv``: the split decoder's convolutions (GroupNorm statistics, norm and SiLU float32).
+    - ``decode_autocast``: the whole-volume, sliding-window and plain decodes' autocast, or None.
+    - ``encode``: the VAE encoder, float32 always (bfloat16 measured 18.6 HU mean error on the CPU).
+    - ``vae_norm_float16``: the VAE's GroupNorms may output float16 as the preset says (only under
+      the reference's CUDA float16 autocast, which takes it).
+    """
+
+    choice: PrecisionChoice
+    device_type: str
+    loop_autocast: str | None
+    network_autocast: str | None
+    decode_conv: str
+    decode_autocast: str | None
+    encode: str = "float32"
+    vae_norm_float16: bool = False
+
+    @property
+    def float16_inputs(self) -> bool:
+        """Noise and conditions handed over as float16 (the reference's CUDA path)."""
+        return self.loop_autocast is not None
+
+    def describe(self) -> str:
+        return self.choice.describe()
+
+
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def numerics_for(choice: PrecisionChoice, device_type: str) -> Numerics:
+    """The per-stage numerics of ``choice`` on ``device_type`` (``cpu`` or ``cuda``); pure.
+
+    CUDA + fp16 is the reference's path exactly (and what every CUDA run did before): the sampling
+    loop and the decode under float16 autocast, float16 noise, the split decoder in float32."""
+    cuda = device_type == "cuda"
+    if choice.name == "fp16":
+        if not cuda:
+            raise InputError("--precision fp16 is CUDA's float16 autocast; on the CPU use bf16 (or fp32, or auto)")
+        return Numerics(choice, device_type, loop_autocast="float16", network_autocast=None, decode_conv="float32",
+                        decode_autocast="float16", vae_norm_float16=True)
+    if choice.name == "bf16":
+        return Numerics(choice, device_type, loop_autocast=None, network_autocast="bfloat16", decode_conv="bfloat16",
+                        decode_autocast="bfloat16")
+    return Numerics(choice, device_type, loop_autocast=None, network_autocast=None, decode_conv="float32",
+                    decode_autocast=None)
+
+
+def reference_numerics_for(device_type: str) -> Numerics:
+    """What the low-level functions do when given no numerics: the reference's precision (float16
+    autocast on CUDA, float32 on the CPU), i.e. every run before ``--precision``."""
+    return numerics_for(choose_precision("auto", device_type, None, reference_numerics=True), device_type)
+
+
+def torch_dtype(name: str | None):
+    """The torch dtype named ``float32``/``bfloat16``/``float16`` (None stays None)."""
+    if name is None:
+        return None
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def autocast_for(device, numerics: Numerics | None = None):
+    """The autocast a decode runs under on ``device`` (a torch device): ``numerics.decode_autocast``;
+    without ``numerics`` the reference's rule: float16 autocast on CUDA, nothing (float32) elsewhere."""
     import contextlib
 
     import torch
 
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
+    if numerics is None:
+        if device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+    if numerics.decode_autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch_dtype(numerics.decode_autocast))

@@ -379,7 +379,8 @@ def _model_options(options: RunOptions) -> dict:
     """The request fields every mode shares."""
     return {"model": options.model, "weights_dir": options.weights_dir, "seed": int(options.seed),
             "steps": int(options.steps) if options.steps else None, "device": options.device or "auto",
-            "modality": options.modality if options.modality not in (None, "", "auto") else None}
+            "modality": options.modality if options.modality not in (None, "", "auto") else None,
+            "reference_numerics": bool(getattr(options, "reference_numerics", False))}
 
 
 def _unique_name(base: str) -> str:

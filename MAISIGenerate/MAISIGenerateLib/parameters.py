@@ -41,6 +41,8 @@ class RunOptions:
     allow_any_size: accept sizes that are multiples of 32 and any spacing (tiny models, tests).
     modality: a name of ``MODALITIES`` the model takes (``mri_t1`` ... for the MR models); None or
         ``auto``: the model's default.
+    reference_numerics: NVIDIA's attention and precision, so the latents equal its code's on the CPU
+        (``--reference-numerics``; slower); False: the faster default.
     """
 
     model: str = "rflow-ct"
@@ -50,6 +52,7 @@ class RunOptions:
     device: str = "auto"
     allow_any_size: bool = False
     modality: str | None = None
+    reference_numerics: bool = False
 
 
 @dataclass

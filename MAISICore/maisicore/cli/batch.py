@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import _positive_int, add_device, add_seed
+from .common import _positive_int, add_device, add_precision, add_seed
 
 
 def add_batch(commands) -> None:
@@ -40,6 +40,8 @@ def add_batch(commands) -> None:
     batch.add_argument("--qc-retries", type=int, default=3, metavar="N", help="regenerations per case with --qc (default 3)")
     add_seed(batch, help="base seed of lines without their own (default 0)")
     add_device(batch, help="auto, cpu, cuda (one GPU per worker) or cuda:N (default auto)")
+    add_precision(batch, reference_numerics=False,
+                  help="precision of lines without their own \"precision\" field (as for generate; default auto)")
     batch.add_argument("--montage", type=int, default=4, metavar="N", help="cases in DIR/montage.png (0: none; default 4)")
     batch.add_argument("--threads", type=_positive_int, default=1, metavar="N",
                        help="torch CPU threads per worker (default 1: on CPU, use --workers for speed; the bytes "
@@ -53,7 +55,8 @@ def _cmd_batch(args) -> int:
 
     options = BatchOptions(format=args.format, label_set=args.label_set, workers=args.workers, backend=args.backend,
                            ray_address=args.ray_address, retries=args.retries, qc=args.qc, qc_retries=args.qc_retries,
-                           device=args.device, seed=args.seed, montage=args.montage, threads=args.threads)
+                           device=args.device, seed=args.seed, montage=args.montage, threads=args.threads,
+                           precision=args.precision)
     summary = run_batch(args.manifest, args.out, options, HumanReport())
     if summary is not None:
         print(f"{summary.line()}; summary in {Path(args.out) / 'summary.json'}")

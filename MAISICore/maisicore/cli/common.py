@@ -78,19 +78,19 @@ def add_volume_format(parser, help: str) -> None:
     parser.add_argument("--format", choices=VOLUME_FORMATS, help=help)
 
 
-def add_precision(parser) -> None:
-    """``--precision`` and ``--reference-numerics`` (``maisicore.precision``): the floating-point format
-    the networks compute in. For the commands that run networks (generate, inpaint, vae, evaluate).
-    No command calls it yet: the options land in the old ``cli.py`` this cycle; when they are ported,
-    their final wording goes here and each command that takes them calls this."""
+def add_precision(parser, reference_numerics: bool = True, help: str | None = None) -> None:
+    """``--precision`` (and, with ``reference_numerics``, ``--reference-numerics``; ``maisicore.precision``):
+    the floating-point format the networks compute in. Called by generate and inpaint (both options),
+    vae encode/decode and batch (``--precision`` only)."""
     from ..precision import PRECISIONS
 
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="auto (float16 autocast on CUDA, bfloat16 on a CPU that runs it natively, else float32), "
-                             "fp32, bf16 or fp16 (CUDA only) (default auto)")
-    parser.add_argument("--reference-numerics", action="store_true",
-                        help="the reference's numerics (float16 autocast on CUDA, float32 and MONAI's attention on "
-                             "the CPU): latents equal NVIDIA's code bit for bit on the CPU")
+                        help=help or "auto (float16 autocast on CUDA, bfloat16 on a CPU that runs it natively "
+                                     "(AVX-512 BF16, AMX), else float32), fp32, bf16 or fp16 (CUDA only) (default auto)")
+    if reference_numerics:
+        parser.add_argument("--reference-numerics", action="store_true",
+                            help="the reference's numerics (float16 autocast on CUDA, float32 on the CPU, MONAI's own "
+                                 "attention): latents equal NVIDIA's code bit for bit on the CPU; slower, more memory")
 
 
 # ---- value checks and messages -------------------------------------------------------------------

@@ -16,6 +16,7 @@ from .common import (
     add_device,
     add_devices,
     add_memory_budget,
+    add_precision,
     add_seed,
     add_volume_format,
 )
@@ -128,6 +129,7 @@ def _generate_run_options(gen) -> None:
                      help="rectified-flow solver: euler (reference, default), heun (2 evaluations per step) or "
                           "ab2 (second order, 1 evaluation per step); e.g. --sampler ab2 --steps 15")
     add_device(gen)
+    add_precision(gen)
     add_decode(gen, help="VAE decode: exact tensor splitting in bounded memory (default), the reference's "
                          "sliding window (seams), or MONAI's plain decode")
     add_memory_budget(gen)
@@ -176,6 +178,7 @@ def _generate_request(args):
         anatomy_size=args.anatomy_size, anatomy_size_db=args.anatomy_size_db, mask_steps=args.mask_steps,
         draft=args.draft, update=args.update, previous_labels=args.previous_labels,
         update_margin_mm=args.update_margin,
+        precision=args.precision, reference_numerics=args.reference_numerics,
     )
 
 
@@ -212,6 +215,7 @@ def add_inpaint(commands) -> None:
     add_seed(inpaint)
     inpaint.add_argument("--steps", type=_positive_int)
     add_device(inpaint)
+    add_precision(inpaint)
     inpaint.add_argument("--allow-any-size", action="store_true",
                          help="accepted for symmetry with generate: the inpainting region is always a multiple of 32")
     inpaint.add_argument("--out", required=True, metavar="CT_WITH_TUMOR", help=VOLUME_OUT_HELP)
@@ -235,6 +239,7 @@ def _cmd_inpaint(args) -> int:
         tumor_diameter=args.tumor_diameter, labels=args.labels, model=args.model, weights_dir=args.weights_dir,
         seed=args.seed, steps=args.steps, device=args.device, out=args.out, label_out=args.label_out,
         format=args.format, keep_patient=args.keep_patient,
+        precision=args.precision, reference_numerics=args.reference_numerics,
     )
     run_inpaint(request, HumanReport())
     return 0

@@ -12,6 +12,7 @@ from .common import (
     add_device,
     add_devices,
     add_memory_budget,
+    add_precision,
     subcommands,
 )
 
@@ -32,6 +33,8 @@ def add_vae(commands) -> None:
     encode.add_argument("--image", required=True, metavar="CT", help="CT volume file or a DICOM series (its folder, one of its files, or FOLDER#SeriesInstanceUID)")
     add_memory_budget(encode, doing="encoding")
     add_device(encode)
+    add_precision(encode, reference_numerics=False,
+                  help="checked as for generate; the encoder always runs in float32 (bfloat16 measured 18.6 HU mean error)")
     encode.add_argument("--out", required=True, metavar="LATENT.nii.gz")
     encode.set_defaults(handler=_cmd_vae_encode)
     decode = actions.add_parser(
@@ -47,6 +50,7 @@ def add_vae(commands) -> None:
     add_decode(decode, help="exact tensor splitting in bounded memory (default), the reference's sliding window "
                             "(seams), or MONAI's plain decode")
     add_device(decode)
+    add_precision(decode, reference_numerics=False)
     add_devices(decode)
     decode.add_argument("--out", required=True, metavar="CT")
     decode.set_defaults(handler=_cmd_vae_decode)
@@ -68,7 +72,11 @@ def _cmd_vae_encode(args) -> int:
     check_output_folder(args.out, "--out")
     budget = _budget_bytes(args.memory_budget)
     device = resolve_device(args.device)
+    from ..precision import resolve_precision
+
+    precision = resolve_precision(args.precision, device)  # fp16 on the CPU: refused before any reading
     ct = read_volume(args.image, modality="CT")
+    _say(f"{precision.describe()}; the encoder runs in float32")
     autoencoder = load_autoencoder(args.weights, device)
     latent, affine, sidecar = encode_ct(autoencoder, ct, device, budget, log=_say)
     write_latent(args.out, latent, affine, sidecar)
@@ -93,10 +101,14 @@ def _cmd_vae_decode(args) -> int:
 
         devices = resolve_devices(args.devices)
         check_decode_method(devices, args.decode)
+    from ..precision import numerics_for, resolve_precision
+
+    precision = resolve_precision(args.precision, device)
     latent, affine = read_latent(args.latent)
+    _say(precision.describe())
     autoencoder = load_autoencoder(args.weights, device)
     ct = decode_latent(autoencoder, latent, affine, device, args.scale_factor, args.decode, budget, log=_say,
-                       devices=devices)
+                       devices=devices, numerics=numerics_for(precision, device.type))
     write_volume(out, ct)
     print(f"wrote {out} (CT int16 HU, {'×'.join(map(str, ct.shape))} voxels)")
     return 0

@@ -68,7 +68,7 @@ class SamplingStart:
 
 def start_sampling(
     preset: ModelPreset, device: torch.device, latent_shape: Sequence[int], steps: int, seed: int,
-    sampler: str = "euler",
+    sampler: str = "euler", float16_noise: bool | None = None,
 ) -> SamplingStart:
     """The one sampler set-up of generation and inpainting, deterministic for ``seed``.
 
@@ -77,12 +77,16 @@ def start_sampling(
     DDPM's per-step noise comes from the same CPU generator on CPU, from a CUDA generator seeded
     ``seed + 1`` on CUDA. Presets with ``noise_half_rounded=False`` (the MR models, whose only
     reference path, ``diff_model_infer``, draws float32 noise) keep the float32 draw on every device.
+    ``float16_noise``: hand the rounded noise over as float16 (default: on CUDA, the reference's
+    float16 autocast path); False: as float32 holding the same values (``--precision`` fp32/bf16).
     """
+    if float16_noise is None:
+        float16_noise = device.type == "cuda"
     generator = torch.Generator("cpu").manual_seed(int(seed))
     if not preset.noise_half_rounded:
         noise = torch.randn((1, *latent_shape), generator=generator).to(device)
     else:
         noise = initial_noise(latent_shape, generator)
-        noise = noise.to(device) if device.type == "cuda" else noise.float()
+        noise = noise.to(device) if float16_noise else noise.float().to(device)
     step_generator = generator if device.type == "cpu" else torch.Generator(device).manual_seed(int(seed) + 1)
     return SamplingStart(noise, Schedule(preset, steps, tuple(latent_shape[1:]), sampler), step_generator)

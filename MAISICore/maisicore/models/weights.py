@@ -229,6 +229,7 @@ class LoadedModel:
     scale_factor: float
     device: torch.device
     weights_dir: Path
+    attention: str = "sdpa"  # the UNet's and ControlNet's attention (networks.ATTENTION_MODES)
 
 
 def load_model(preset: ModelPreset, weights_dir: str | os.PathLike, device: torch.device | str = "cpu",
@@ -283,6 +284,7 @@ def load_model(preset: ModelPreset, weights_dir: str | os.PathLike, device: torc
         scale_factor=scale_factor,
         device=device,
         weights_dir=weights_dir,
+        attention=attention,
     )
 
 

@@ -152,9 +152,12 @@ def _decode_estimate(preset, latent_shape, budget_bytes: int | None, workers: in
     return int(plan.estimated_bytes), plan.describe()
 
 
-def estimate_generation_memory(prepared, device_type: str = "cpu", budget_bytes: int | None = None) -> MemoryEstimate:
+def estimate_generation_memory(prepared, device_type: str = "cpu", budget_bytes: int | None = None,
+                               precision=None) -> MemoryEstimate:
     """Peak memory of running ``prepared`` (a ``PreparedGeneration``) on ``device_type``; nothing heavy
-    is built (the decode is planned on meta tensors)."""
+    is built (the decode is planned on meta tensors). ``precision`` (``maisicore.precision.PrecisionChoice``):
+    the denoising activations at 2 bytes for reduced precisions (bf16, fp16), 4 for fp32, and MONAI's
+    N × N attention for ``--reference-numerics``; default the reference's (2 bytes on CUDA, 4 on the CPU)."""
     preset, plan = prepared.preset, prepared.plan
     request = prepared.request
     if budget_bytes is None:
@@ -164,11 +167,11 @@ def estimate_generation_memory(prepared, device_type: str = "cpu", budget_bytes:
     latent_voxels = int(np.prod(latent))
     image_voxels = int(np.prod(plan.size))
     cuda = device_type == "cuda"
-    act_bytes = 2 if cuda else 4
+    act_bytes = (2 if precision.reduced else 4) if precision is not None else (2 if cuda else 4)
     parts: dict[str, int] = {}
     weights, loading = _weights_bytes(preset, prepared.weights_dir)
     activations = DENOISE_FIXED_BYTES + DENOISE_BYTES_PER_LATENT_VOXEL * latent_voxels * act_bytes // 4
-    attention = attention_bytes(preset, latent, device_type)
+    attention = attention_bytes(preset, latent, device_type, precision.attention if precision is not None else "sdpa")
     mask_generation = getattr(prepared, "mask_generation", None)  # --anatomy-size: a mask is generated first
     condition = CONDITION_BYTES_PER_VOXEL * image_voxels if plan.labels is not None or mask_generation else 0
     if getattr(plan, "guidance_scale", 0) > 0:  # classifier-free guidance: a batch of two (and two conditions)
@@ -204,10 +207,11 @@ def estimate_generation_memory(prepared, device_type: str = "cpu", budget_bytes:
     return MemoryEstimate("cuda" if cuda else "cpu", parts, peak, phase, budget_bytes, decode_plan)
 
 
-def check_admission(prepared, device_type: str = "cpu", budget_bytes: int | None = None) -> MemoryEstimate:
+def check_admission(prepared, device_type: str = "cpu", budget_bytes: int | None = None,
+                    precision=None) -> MemoryEstimate:
     """The estimate, or a one-line ``InputError`` naming the estimate, the budget and what to change
     when the request would not fit."""
-    estimate = estimate_generation_memory(prepared, device_type, budget_bytes)
+    estimate = estimate_generation_memory(prepared, device_type, budget_bytes, precision)
     if not estimate.fits:
         size = "×".join(map(str, prepared.plan.size))
         raise InputError(

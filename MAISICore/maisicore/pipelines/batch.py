@@ -160,12 +160,15 @@ def _manifest_rows(path: Path) -> list[tuple[int, str, dict]]:
     return rows
 
 
-def read_manifest(path: str | os.PathLike, base_seed: int = 0) -> list[BatchItem]:
+def read_manifest(path: str | os.PathLike, base_seed: int = 0, precision: str = "auto") -> list[BatchItem]:
     """The items of a manifest, checked (one-line ``InputError`` naming the line; nothing read but
-    the manifest and the existence of its input files)."""
+    the manifest and the existence of its input files). ``precision`` (``--precision``): the
+    ``precision`` of lines without their own."""
+    from ..precision import check_precision
     from .requests import _check_seed
 
     _check_seed(base_seed, "--seed")
+    check_precision(precision)
     path = Path(path)
     if not path.is_file():
         raise InputError(f"manifest {path}: file not found")
@@ -200,6 +203,8 @@ def read_manifest(path: str | os.PathLike, base_seed: int = 0) -> list[BatchItem
         model = data.get("model")
         if isinstance(model, str) and ("/" in model or os.sep in model) and not Path(model).is_absolute():
             data["model"] = str(path.parent / model)
+        if "precision" not in data and not data.get("reference_numerics"):
+            data["precision"] = precision
         request = request_from_dict(data, where)  # types and unknown keys
         request.check()
         base = request.seed if "seed" in row else base_seed
@@ -309,13 +314,18 @@ class BatchWorker:
     def model(self, request):
         """The loaded networks for ``request`` (loaded on first use, then reused)."""
         from ..models.weights import check_weight_files, load_model, resolve_model
+        from ..precision import resolve_precision
         from ..validation import resolve_device
 
         preset, weights_dir = resolve_model(request.model, request.weights_dir)
-        key = (preset.key, str(Path(weights_dir).resolve()))
+        device = resolve_device(self.config.device)
+        # The attention is built into the loaded networks (--reference-numerics: MONAI's own); the
+        # precision is not (autocast is per call), so it is no part of the key.
+        attention = resolve_precision(request.precision, device, request.reference_numerics).attention
+        key = (preset.key, str(Path(weights_dir).resolve()), attention)
         if key not in self._models:
             check_weight_files(preset, weights_dir)
-            self._models[key] = load_model(preset, weights_dir, resolve_device(self.config.device))
+            self._models[key] = load_model(preset, weights_dir, device, attention=attention)
         return self._models[key]
 
     def _record(self, item: BatchItem, state: str, **fields) -> dict:
@@ -360,12 +370,15 @@ class BatchWorker:
             request.qc_retries = self.config.qc_retries
         prepare_started = time.perf_counter()
         if request.kind == "generate":  # read and check the inputs before any network
+            from ..precision import resolve_precision
             from ..validation import resolve_device
             from .admission import check_admission
             from .generate import prepare_generation
 
             prepared = prepare_generation(request)
-            check_admission(prepared, resolve_device(request.device).type)  # this worker's device
+            device = resolve_device(request.device)
+            check_admission(prepared, device.type,  # this worker's device
+                            precision=resolve_precision(request.precision, device, request.reference_numerics))
         else:
             from .inpaint import prepare_inpaint
 
@@ -530,6 +543,7 @@ class BatchOptions:
     seed: int = 0
     montage: int = MONTAGE_CASES
     threads: int = 1  # torch CPU threads per worker; bytes are identical across backends for equal threads
+    precision: str = "auto"  # lines without their own "precision" field (maisicore.precision)
 
 
 @dataclass
@@ -590,7 +604,7 @@ def prepare_batch(manifest: str | os.PathLike, out_dir: str | os.PathLike, optio
     if not out.parent.is_dir():
         raise InputError(f"--out {out}: folder {out.parent} does not exist; create it first")
     layout = Layout(out, options.format, tuple(parse_label_set(options.label_set)))
-    items = read_manifest(manifest, options.seed)
+    items = read_manifest(manifest, options.seed, options.precision)
     if options.format != "nifti":
         unlabelled = next((i for i in items if not i.labelled), None)
         if unlabelled is not None:
@@ -691,7 +705,12 @@ def _prepare_lines(items: list[BatchItem], manifest: Path, device: str) -> None:
         request = item.build(device)
         try:
             if request.kind == "generate":
-                check_admission(prepare_generation(request), device_type)
+                from ..precision import choose_precision, cpu_bf16_native
+
+                precision = choose_precision(request.precision, device_type,
+                                             cpu_bf16_native() if device_type == "cpu" else None,
+                                             request.reference_numerics)
+                check_admission(prepare_generation(request), device_type, precision=precision)
             else:
                 prepare_inpaint(request)
         except InputError as exc:

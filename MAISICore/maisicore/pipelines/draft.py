@@ -118,17 +118,19 @@ def generate_draft(
     memory_budget_bytes: int | None = None,
     log: Callable[[str], None] | None = None,
     devices=None,
+    numerics=None,
 ) -> Volume:
     """Sample ``draft`` (``draft_plan(plan)``), decode, resample onto ``plan``'s grid and return the
-    CT (int16 HU; MR models: float32) with ``plan``'s shape and affine."""
-    latents = generate_latents(model, draft, seed, progress, cancel)
+    CT (int16 HU; MR models: float32) with ``plan``'s shape and affine. ``numerics``: the precision of
+    each stage (``maisicore.precision``; default the reference's for the device)."""
+    latents = generate_latents(model, draft, seed, progress, cancel, numerics)
     if cancel is not None and cancel():
         raise Cancelled("cancelled by the user")
     if progress:
         progress("decode", 0, 1)
     mr = model.preset.intensity == "mr"
     image01 = decode_latents(model.autoencoder, latents, model.scale_factor, decode, memory_budget_bytes, log=log,
-                             clip_max=None if mr else 1.0, devices=devices)[0, 0].numpy()
+                             clip_max=None if mr else 1.0, devices=devices, numerics=numerics)[0, 0].numpy()
     if mr:
         from ..vae.decode import unit_to_mr
 

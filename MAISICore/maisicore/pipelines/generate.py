@@ -47,7 +47,8 @@ from ..models.presets import (
     modality_code,
 )
 from ..models.weights import LoadedModel
-from ..vae.decode import autocast_for, decode_latents, unit_to_hu
+from ..precision import Numerics, numerics_for, reference_numerics_for, resolve_precision, torch_dtype
+from ..vae.decode import decode_latents, unit_to_hu
 from ..validation import check_body_regions, check_grid, check_mask_values, check_steps
 from .requests import GenerateRequest
 
@@ -209,9 +210,42 @@ def plan_conditions(preset: ModelPreset, plan: GenerationPlan, device: torch.dev
     return unet_kwargs, condition
 
 
-def make_denoise_fn(model: LoadedModel, plan: GenerationPlan):
-    """Fold every condition of the plan into ``denoise_fn(x, t) -> prediction`` for ``sample``."""
-    dtype = torch.float16 if model.device.type == "cuda" else torch.float32
+def _numerics(model: LoadedModel, numerics: Numerics | None) -> Numerics:
+    """``numerics`` or, when None, the reference's for the model's device (every run before ``--precision``)."""
+    return numerics if numerics is not None else reference_numerics_for(model.device.type)
+
+
+def loop_autocast(device: torch.device, numerics: Numerics):
+    """The context the whole sampling loop runs in: the reference's CUDA float16 autocast, else none
+    (reduced precisions autocast each network call instead: ``reduced_precision_fn``)."""
+    import contextlib
+
+    if numerics.loop_autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch_dtype(numerics.loop_autocast))
+
+
+def reduced_precision_fn(denoise_fn, device: torch.device, numerics: Numerics):
+    """``denoise_fn`` with each call under ``torch.autocast(device, numerics.network_autocast)`` and its
+    prediction cast back to float32, so the sampler's step and the latents stay float32 (an autocast
+    around MONAI's scheduler fails on the CPU); ``denoise_fn`` itself when there is nothing to cast."""
+    if numerics.network_autocast is None:
+        return denoise_fn
+    dtype = torch_dtype(numerics.network_autocast)
+
+    def reduced(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype):
+            prediction = denoise_fn(x, t)
+        return prediction.float()
+
+    return reduced
+
+
+def make_denoise_fn(model: LoadedModel, plan: GenerationPlan, numerics: Numerics | None = None):
+    """Fold every condition of the plan into ``denoise_fn(x, t) -> prediction`` for ``sample``;
+    ``numerics`` (default: the reference's for the device) says in which precision the networks run."""
+    numerics = _numerics(model, numerics)
+    dtype = torch.float16 if numerics.float16_inputs else torch.float32
     unet_kwargs, condition = plan_conditions(model.preset, plan, model.device, dtype)
     class_labels = unet_kwargs.get("class_labels")
     if plan.guidance_scale > 0:
@@ -221,8 +255,8 @@ def make_denoise_fn(model: LoadedModel, plan: GenerationPlan):
         if plan.uncond_labels is not None:
             uncond = controlnet_condition(torch.from_numpy(plan.uncond_labels)[None, None], model.preset,
                                           model.device, dtype)
-        return guided_denoise_fn(model.diffusion_unet, model.controlnet, unet_kwargs, condition, uncond,
-                                 plan.guidance_scale)
+        return reduced_precision_fn(guided_denoise_fn(model.diffusion_unet, model.controlnet, unet_kwargs, condition,
+                                                      uncond, plan.guidance_scale), model.device, numerics)
 
     def denoise_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         residuals = {}
@@ -231,7 +265,7 @@ def make_denoise_fn(model: LoadedModel, plan: GenerationPlan):
             residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
         return model.diffusion_unet(x=x, timesteps=t, **unet_kwargs, **residuals)
 
-    return denoise_fn
+    return reduced_precision_fn(denoise_fn, model.device, numerics)
 
 
 @torch.no_grad()
@@ -241,13 +275,17 @@ def generate_latents(
     seed: int = 0,
     progress: ProgressFn | None = None,
     cancel: Callable[[], bool] | None = None,
+    numerics: Numerics | None = None,
 ) -> torch.Tensor:
-    """Denoised latent (1, 4, X/4, Y/4, Z/4) for ``plan``, deterministic for a given ``seed`` and device."""
-    sampling = start_sampling(model.preset, model.device, plan.latent_shape, plan.steps, seed, plan.sampler)
+    """Denoised latent (1, 4, X/4, Y/4, Z/4) for ``plan``, deterministic for a given ``seed``, device and
+    ``numerics`` (default: the reference's precision for the device, ``maisicore.precision``)."""
+    numerics = _numerics(model, numerics)
+    sampling = start_sampling(model.preset, model.device, plan.latent_shape, plan.steps, seed, plan.sampler,
+                              float16_noise=numerics.float16_inputs)
     callback = (lambda done, total: progress("denoise", done, total)) if progress else None
-    with autocast_for(model.device):
-        return sample(make_denoise_fn(model, plan), sampling.noise, sampling.schedule, sampling.step_generator,
-                      callback, cancel)
+    with loop_autocast(model.device, numerics):
+        return sample(make_denoise_fn(model, plan, numerics), sampling.noise, sampling.schedule,
+                      sampling.step_generator, callback, cancel)
 
 
 def latents_to_ct(
@@ -258,6 +296,7 @@ def latents_to_ct(
     memory_budget_bytes: int | None = None,
     log: Callable[[str], None] | None = None,
     devices: Sequence[torch.device] | None = None,
+    numerics: Numerics | None = None,
 ) -> Volume:
     """Decode, map to HU, set background to −1000 and return an int16 volume on the output grid.
     MR models (``preset.intensity == "mr"``): the reference's MR intensities instead, float32
@@ -266,13 +305,13 @@ def latents_to_ct(
         from ..vae.decode import unit_to_mr
 
         image01 = decode_latents(model.autoencoder, latents, model.scale_factor, decode, memory_budget_bytes, log=log,
-                                 clip_max=None, devices=devices)
+                                 clip_max=None, devices=devices, numerics=numerics)
         mr = unit_to_mr(image01[0, 0].numpy()).astype(np.float32)
         if plan.reorientation is not None:
             mr = undo_reorientation(mr, plan.reorientation)
         return Volume(mr, plan.output_affine.copy())
     image01 = decode_latents(model.autoencoder, latents, model.scale_factor, decode, memory_budget_bytes, log=log,
-                             devices=devices)
+                             devices=devices, numerics=numerics)
     image01 = image01[0, 0].numpy()
     hu = unit_to_hu(image01)
     if plan.labels is not None:
@@ -293,6 +332,7 @@ def generate(
     memory_budget_bytes: int | None = None,
     log: Callable[[str], None] | None = None,
     devices: Sequence[torch.device] | None = None,
+    numerics: Numerics | None = None,
 ) -> Volume:
     """Run a checked plan: a synthetic CT (int16 HU, (x, y, z), index → RAS affine).
 
@@ -303,19 +343,33 @@ def generate(
         memory_budget_bytes: for the exact decode; default what the device has free.
         log: receives one-line notes (the decode plan).
         devices: the exact decode's devices (``--devices``); default the model's.
+        numerics: the precision of each stage (``maisicore.precision.numerics_for``); default the
+            reference's for the device (float16 autocast on CUDA, float32 on the CPU).
     """
-    latents = generate_latents(model, plan, seed, progress, cancel)
+    latents = generate_latents(model, plan, seed, progress, cancel, numerics)
     if cancel is not None and cancel():
         raise Cancelled("cancelled by the user")
     if progress:
         progress("decode", 0, 1)
-    ct = latents_to_ct(model, latents, plan, decode, memory_budget_bytes, log, devices)
+    ct = latents_to_ct(model, latents, plan, decode, memory_budget_bytes, log, devices, numerics)
     if progress:
         progress("decode", 1, 1)
     return ct
 
 
 # ---- the request → pipeline → result path ----------------------------------------------------------
+
+
+def precision_numerics(model: LoadedModel, request) -> Numerics:
+    """The numerics of a request's ``precision``/``reference_numerics`` on ``model``'s device; refuses
+    (one line) networks loaded with another attention than the choice needs (``choice.attention``)."""
+    choice = resolve_precision(request.precision, model.device, request.reference_numerics)
+    loaded = getattr(model, "attention", "sdpa")
+    if loaded != choice.attention:
+        raise InputError(f"these networks were loaded with {loaded} attention and the request needs {choice.attention} "
+                         f"({'--reference-numerics' if choice.reference_numerics else 'without --reference-numerics'}); "
+                         f"load them with attention={choice.attention!r}")
+    return numerics_for(choice, model.device.type)
 
 
 @dataclass
@@ -531,7 +585,15 @@ class GeneratePipeline:
 
         preset, weights_dir = resolve_model(request.model, request.weights_dir)
         check_weight_files(preset, weights_dir)
-        return cls(load_model(preset, weights_dir, resolve_device(device or request.device)))
+        device = resolve_device(device or request.device)
+        choice = resolve_precision(request.precision, device, request.reference_numerics)
+        return cls(load_model(preset, weights_dir, device, attention=choice.attention))
+
+    def numerics(self, request: GenerateRequest) -> Numerics:
+        """The request's precision (``precision``, ``reference_numerics``) on this pipeline's device; a
+        one-line ``InputError`` when it cannot run here (fp16 on the CPU) or the networks were loaded
+        with another attention than it needs (``GeneratePipeline.from_request`` loads the right one)."""
+        return precision_numerics(self.model, request)
 
     def prepare(self, request: GenerateRequest, mask: Volume | None = None, log=None) -> PreparedGeneration:
         """``prepare_generation`` for this pipeline's model (refuses a request for another model)."""
@@ -561,18 +623,19 @@ class GeneratePipeline:
             prepared = self.generate_mask(prepared, progress, cancel, log)
             timings["mask_s"] = time.perf_counter() - started
         request, plan = prepared.request, prepared.plan
+        numerics = self.numerics(request)
         if prepared.update is not None:
-            return self._update(prepared, timings, progress, cancel)
+            return self._update(prepared, timings, progress, cancel, numerics)
         budget = None if request.memory_budget_gb is None else int(request.memory_budget_gb * 2**30)
         devices = resolve_devices(request.devices)
         notes = list(prepared.notes)
         if request.draft:
-            return self._draft(prepared, timings, progress, cancel, log, budget, devices)
+            return self._draft(prepared, timings, progress, cancel, log, budget, devices, numerics)
         seed, checks = request.seed, None
         for attempt in range(request.qc_retries + 1):
             started = time.perf_counter()
             ct = generate(self.model, plan, seed=seed, progress=progress, cancel=cancel, decode=request.decode,
-                          memory_budget_bytes=budget, log=log, devices=devices)
+                          memory_budget_bytes=budget, log=log, devices=devices, numerics=numerics)
             timings["generate_s"] = timings.get("generate_s", 0.0) + time.perf_counter() - started
             if not request.qc_retries:
                 break
@@ -606,7 +669,8 @@ class GeneratePipeline:
             labels = labels_on_grid(labels, prepared.original_grid)
         return ct, labels
 
-    def _draft(self, prepared: PreparedGeneration, timings, progress, cancel, log, budget, devices) -> GenerateResult:
+    def _draft(self, prepared: PreparedGeneration, timings, progress, cancel, log, budget, devices,
+               numerics=None) -> GenerateResult:
         """``--draft`` (``pipelines.draft``): fewer voxels, ab2, resampled onto the requested grid."""
         import time
 
@@ -618,7 +682,8 @@ class GeneratePipeline:
         if log:
             log(note)
         started = time.perf_counter()
-        ct = generate_draft(self.model, plan, draft, request.seed, progress, cancel, request.decode, budget, log, devices)
+        ct = generate_draft(self.model, plan, draft, request.seed, progress, cancel, request.decode, budget, log, devices,
+                            numerics)
         timings["generate_s"] = time.perf_counter() - started
         ct, labels = self._labels_on_request_grid(prepared, ct)
         description = (f"MAISI DRAFT {prepared.preset.key} seed {request.seed} {draft.steps} steps {draft.sampler} "
@@ -626,7 +691,7 @@ class GeneratePipeline:
         return GenerateResult(ct, labels, request.seed, None, [*prepared.notes, note], timings, draft,
                               prepared.preset.key, action="draft", description=description)
 
-    def _update(self, prepared: PreparedGeneration, timings, progress, cancel) -> GenerateResult:
+    def _update(self, prepared: PreparedGeneration, timings, progress, cancel, numerics=None) -> GenerateResult:
         """``--update`` (``pipelines.update``): the changed region regenerated, the rest kept bit for bit."""
         import time
 
@@ -635,7 +700,7 @@ class GeneratePipeline:
         request = prepared.request
         started = time.perf_counter()
         ct, notes, roi_shape = regenerate_changed(self.model, prepared.plan, prepared.update, request.seed, progress,
-                                                  cancel)
+                                                  cancel, numerics)
         timings["generate_s"] = time.perf_counter() - started
         mask = prepared.mask
         labels = Volume(mask.array.astype(np.int16), mask.affine.copy())

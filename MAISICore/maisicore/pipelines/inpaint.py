@@ -38,7 +38,7 @@ from ..diffusion.sampling import sample, start_sampling
 from ..errors import Cancelled, InputError
 from ..io.geometry import Volume, to_closest_ras, undo_reorientation
 from ..models.weights import LoadedModel
-from ..vae.decode import autocast_for, decode_latents, hu_to_unit, unit_to_hu
+from ..vae.decode import decode_latents, hu_to_unit, unit_to_hu
 from .generate import GenerationPlan, make_denoise_fn
 from .requests import InpaintRequest
 
@@ -151,13 +151,20 @@ def blended_sample(
     seed: int,
     progress: Callable[[str, int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    numerics=None,
 ) -> torch.Tensor:
     """Sample ``plan`` (the ROI's grid and labels) from ``seed``; after every step the latent outside
     ``edit`` (bool, image space) is replaced by ``known`` diffused to that step, so only the region
-    is generated. Returns the latents."""
+    is generated. ``numerics``: the precision of each stage (default the reference's for the device).
+    Returns the latents."""
+    from ..precision import reference_numerics_for
+    from .generate import loop_autocast
+
     device = model.device
+    numerics = numerics if numerics is not None else reference_numerics_for(device.type)
     latent_edit = latent_region(edit, device)
-    sampling = start_sampling(model.preset, device, plan.latent_shape, plan.steps, seed, plan.sampler)
+    sampling = start_sampling(model.preset, device, plan.latent_shape, plan.steps, seed, plan.sampler,
+                              float16_noise=numerics.float16_inputs)
     noise, schedule = sampling.noise, sampling.schedule
     known = known.to(noise.dtype)
 
@@ -165,20 +172,21 @@ def blended_sample(
         return latent_edit * x + (1 - latent_edit) * schedule.noised(known, noise, step.next_t)
 
     callback = (lambda done, total: progress("denoise", done, total)) if progress else None
-    with torch.no_grad(), autocast_for(device):
-        latents = sample(make_denoise_fn(model, plan), noise, schedule, sampling.step_generator, callback, cancel,
-                         put_back_known)
+    with torch.no_grad(), loop_autocast(device, numerics):
+        latents = sample(make_denoise_fn(model, plan, numerics), noise, schedule, sampling.step_generator, callback,
+                         cancel, put_back_known)
     if cancel is not None and cancel():
         raise Cancelled("cancelled by the user")
     return latents
 
 
 def decode_region(model: LoadedModel, latents: torch.Tensor,
-                  progress: Callable[[str, int, int], None] | None = None) -> np.ndarray:
-    """Decoded latents as HU, float (x, y, z)."""
+                  progress: Callable[[str, int, int], None] | None = None, numerics=None) -> np.ndarray:
+    """Decoded latents as HU, float (x, y, z), in ``numerics``' decoder precision."""
     if progress:
         progress("decode", 0, 1)
-    generated = unit_to_hu(decode_latents(model.autoencoder, latents, model.scale_factor)[0, 0].numpy())
+    generated = unit_to_hu(decode_latents(model.autoencoder, latents, model.scale_factor,
+                                          numerics=numerics)[0, 0].numpy())
     if progress:
         progress("decode", 1, 1)
     return generated
@@ -219,14 +227,22 @@ def inpaint(
     steps: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    numerics=None,
 ) -> InpaintResult:
     """Generate a ``tumor_type`` tumour inside ``tumor_mask`` (bool, ``ct``'s grid) of ``ct`` (HU).
 
     ``labels``: MAISI anatomy labels on ``ct``'s grid (e.g. from ``maisi labels convert``); without
     them the body envelope of the ROI and the tumour are the only condition (quality drops).
-    Voxels outside the dilated tumour region are returned unchanged.
+    Voxels outside the dilated tumour region are returned unchanged. ``numerics``
+    (``maisicore.precision.Numerics``): the precision of the networks and the decode (the encoder
+    stays float32); default the reference's for the model's device.
     """
     from scipy import ndimage
+
+    from ..precision import reference_numerics_for
+
+    if numerics is None:
+        numerics = reference_numerics_for(model.device.type)
 
     from ..anatomy.body import body_from_ct
 
@@ -269,10 +285,10 @@ def inpaint(
         reorientation=None,
     )
     known = encode_region(model, roi_ct)
-    latents = blended_sample(model, plan, known, edit, seed, progress, cancel)
+    latents = blended_sample(model, plan, known, edit, seed, progress, cancel, numerics)
 
     # 4. Decode and composite inside the dilated tumour region only.
-    generated = decode_region(model, latents, progress)
+    generated = decode_region(model, latents, progress, numerics)
     roi_out = composite(roi_ct, generated, roi_tumor, edit)
 
     out_ras = ct_ras.array.copy()
@@ -437,11 +453,14 @@ class InpaintPipeline:
     def from_request(cls, request: InpaintRequest, device: str | None = None) -> InpaintPipeline:
         """Load the request's model onto ``device`` (default ``request.device``)."""
         from ..models.weights import check_weight_files, load_model, resolve_model
+        from ..precision import resolve_precision
         from ..validation import resolve_device
 
         preset, weights_dir = resolve_model(request.model, request.weights_dir)
         check_weight_files(preset, weights_dir)
-        return cls(load_model(preset, weights_dir, resolve_device(device or request.device)))
+        device = resolve_device(device or request.device)
+        choice = resolve_precision(request.precision, device, request.reference_numerics)
+        return cls(load_model(preset, weights_dir, device, attention=choice.attention))
 
     def __call__(
         self,
@@ -452,9 +471,12 @@ class InpaintPipeline:
     ) -> InpaintResult:
         """Run a request (or a prepared one); nothing is written (``write_inpaint_result``)."""
         prepared = request if isinstance(request, PreparedInpaint) else prepare_inpaint(request, image)
+        from .generate import precision_numerics
+
         r = prepared.request
+        numerics = precision_numerics(self.model, r)
         result = inpaint(self.model, prepared.ct, prepared.tumor_mask, r.tumor_type, prepared.labels, r.seed, r.steps,
-                         progress=progress, cancel=cancel)
+                         progress=progress, cancel=cancel, numerics=numerics)
         result.notes[:0] = prepared.notes  # the checks' notes first, in the result's notes (and events)
         return result
 

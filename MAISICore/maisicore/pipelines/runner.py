@@ -107,27 +107,33 @@ def _qc_rows(checks) -> list[dict] | None:
 def run_generate(request: GenerateRequest, report: Report, cancel: Callable[[], bool] | None = None) -> RunSummary:
     """Check, load, generate and write a ``GenerateRequest``; raises ``InputError``/``Cancelled``."""
     from ..devices import resolve_devices
+    from ..precision import resolve_precision
     from ..validation import resolve_device
     from .admission import check_admission
     from .generate import GeneratePipeline, prepare_generation
 
+    if isinstance(request.device, str) and isinstance(request.precision, str):  # fp16 on the CPU: refused first
+        resolve_precision(request.precision, resolve_device(request.device), request.reference_numerics)
     prepared = prepare_generation(request, log=report.info)  # every check before any network
     for note in prepared.notes:
         report.note(note)
     device = resolve_device(request.device)
     resolve_devices(request.devices)  # --devices present on this machine, before any network
-    estimate = check_admission(prepared, device.type)  # too large → InputError before any network
+    precision = resolve_precision(request.precision, device, request.reference_numerics)
+    estimate = check_admission(prepared, device.type, precision=precision)  # too large → InputError before any network
     plan = prepared.plan
     if request.dry_run:
         summary = RunSummary(notes=list(prepared.notes), details={
             "size": list(plan.size), "spacing": list(plan.spacing), "steps": plan.steps, "model": prepared.preset.key,
-            "device": device.type, "memory": {"peak_bytes": estimate.peak_bytes, "budget_bytes": estimate.budget_bytes,
+            "device": device.type, "precision": precision.name, "reference_numerics": precision.reference_numerics,
+            "memory": {"peak_bytes": estimate.peak_bytes, "budget_bytes": estimate.budget_bytes,
                                               "phase": estimate.peak_phase, "parts": estimate.parts,
                                               "decode_plan": estimate.decode_plan}})
         report.result(summary, f"dry run: {prepared.preset.key}, {_fmt(plan.size, 'd')} voxels at {_fmt(plan.spacing)} mm, "
                                f"{plan.steps} steps; {estimate.describe()}; nothing was run or written")
         return summary
     report.info(estimate.describe())
+    report.info(f"{precision.describe()}; attention: {precision.attention}")
     pipeline = GeneratePipeline.from_request(request)
     region = f", body region {plan.body_region[0]}→{plan.body_region[1]}" if plan.body_region else ""
     source = f", following {request.mask}" if request.mask else (
@@ -150,7 +156,8 @@ def run_generate(request: GenerateRequest, report: Report, cancel: Callable[[], 
                          timings=result.timings,
                          details={"shape": list(ct.shape), "spacing": [float(s) for s in ct.spacing],
                                   "model": prepared.preset.key, "steps": result.plan.steps,
-                                  "action": result.action})
+                                  "action": result.action, "precision": precision.name,
+                                  "reference_numerics": precision.reference_numerics})
     what = ", ".join(files.values()) or "nothing (no --out)"
     kind = "MR float32 intensities" if prepared.preset.intensity == "mr" else "CT int16 HU"
     message = (f"wrote {what} ({kind}, {_fmt(ct.shape, 'd')} voxels, {_fmt(ct.spacing, '.4g')} mm; "
@@ -165,9 +172,13 @@ def run_generate(request: GenerateRequest, report: Report, cancel: Callable[[], 
 
 def run_inpaint(request: InpaintRequest, report: Report, cancel: Callable[[], bool] | None = None) -> RunSummary:
     """Check, load, inpaint and write an ``InpaintRequest``."""
+    from ..precision import resolve_precision
+    from ..validation import resolve_device
     from .inpaint import InpaintPipeline, prepare_inpaint, write_inpaint_result
 
     prepared = prepare_inpaint(request)
+    precision = resolve_precision(request.precision, resolve_device(request.device), request.reference_numerics)
+    report.info(f"{precision.describe()}; attention: {precision.attention}; the encoder runs in float32")
     pipeline = InpaintPipeline.from_request(request)
     report.info(f"{prepared.preset.key} on {pipeline.model.device}: inpainting {request.tumor_type} "
                 f"({int(prepared.tumor_mask.sum())} voxels), seed {request.seed}")
@@ -177,7 +188,8 @@ def run_inpaint(request: InpaintRequest, report: Report, cancel: Callable[[], bo
     written = write_inpaint_result(result, request)
     files = {role: str(path) for role, path in written.items()}
     summary = RunSummary(files=files, seed_used=request.seed, notes=list(result.notes),
-                         details={"roi_shape": list(result.roi_shape)})
+                         details={"roi_shape": list(result.roi_shape), "precision": precision.name,
+                                  "reference_numerics": precision.reference_numerics})
     what = ", ".join(files.values()) or "nothing (no --out)"
     report.result(summary, f"wrote {what} (region {_fmt(result.roi_shape, 'd')} voxels regenerated around the tumour)")
     return summary

@@ -113,9 +113,11 @@ def regenerate_changed(
     seed: int,
     progress: Callable[[str, int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    numerics=None,
 ) -> tuple[Volume, list[str], tuple[int, int, int]]:
     """The previous CT with the changed region regenerated (see the module docstring): (CT on the
-    previous CT's grid and dtype, notes, ROI shape)."""
+    previous CT's grid and dtype, notes, ROI shape). ``numerics``: the precision of the networks and
+    the decode (``maisicore.precision``; the encoder stays float32)."""
     from scipy import ndimage
 
     previous = source.previous
@@ -138,8 +140,8 @@ def regenerate_changed(
                               np.eye(4), None, modality_code=plan.modality_code, guidance_scale=plan.guidance_scale,
                               uncond_labels=uncond, sampler=plan.sampler)
     known = encode_region(model, roi_ct)
-    latents = blended_sample(model, roi_plan, known, edit, seed, progress, cancel)
-    generated = decode_region(model, latents, progress)
+    latents = blended_sample(model, roi_plan, known, edit, seed, progress, cancel, numerics)
+    generated = decode_region(model, latents, progress, numerics)
     generated[roi_labels == BACKGROUND] = HU_BACKGROUND
     roi_out = composite(roi_ct, generated, core, edit)
     out = prev_ras.array.copy()

@@ -113,14 +113,16 @@ def decode_latent(
     memory_budget_bytes: int | None = None,
     log: Callable[[str], None] | None = None,
     devices=None,
+    numerics=None,
 ) -> Volume:
     """Decode a latent [X, Y, Z, 4] (divided by ``scale_factor`` first) to a CT (int16 HU) on the
-    image grid of ``affine`` (the latent grid's). ``devices``: the exact decode's (``--devices``)."""
+    image grid of ``affine`` (the latent grid's). ``devices``: the exact decode's (``--devices``);
+    ``numerics``: ``maisicore.precision.Numerics`` (default the reference's for the device)."""
     if latent.ndim != 4 or latent.shape[3] != 4:
         raise InputError(f"a latent must be [X, Y, Z, 4], got shape {latent.shape}")
     z = torch.from_numpy(np.ascontiguousarray(latent.transpose(3, 0, 1, 2)))[None].float().to(device)
     image01 = decode_latents(autoencoder, z, scale_factor, method, memory_budget_bytes, log=log,
-                             devices=devices)[0, 0].numpy()
+                             devices=devices, numerics=numerics)[0, 0].numpy()
     ct = np.rint(unit_to_hu(image01)).astype(np.int16)
     return Volume(ct, image_affine(affine))
 

@@ -13,6 +13,7 @@ mapped linearly). Methods:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import torch
@@ -24,6 +25,26 @@ from ..precision import autocast_for  # the precision rule; callers import it fr
 DECODERS = ("exact", "sliding-window", "plain")
 SLIDING_WINDOW = (48, 48, 48)  # latent voxels (reference config_infer.json)
 SLIDING_OVERLAP = 0.6666
+
+
+@contextlib.contextmanager
+def vae_norms_for(autoencoder: torch.nn.Module, numerics=None):
+    """The VAE's GroupNorms as ``numerics`` needs them: their float16 output (``norm_float16``, set on
+    CUDA from the preset) only under the reference's float16 autocast, which takes it; switched off
+    for the duration otherwise (a float32 or bfloat16 decode on CUDA), then restored."""
+    if numerics is None or numerics.vae_norm_float16:
+        yield
+        return
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiGroupNorm3D
+
+    norms = [m for m in autoencoder.modules() if isinstance(m, MaisiGroupNorm3D) and m.norm_float16]
+    for norm in norms:
+        norm.norm_float16 = False
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.norm_float16 = True
 
 
 @torch.no_grad()
@@ -38,12 +59,15 @@ def decode_latents(
     log: Callable[[str], None] | None = None,
     clip_max: float | None = 1.0,
     devices: Sequence[str | torch.device] | None = None,
+    numerics=None,
 ) -> torch.Tensor:
     """Decode ``latents`` (1, 4, X/4, Y/4, Z/4) to an image (1, 1, X, Y, Z), float32 on CPU, clipped to
     [0, ``clip_max``] (None: only below, as the reference does for MR).
 
     The latents are divided by ``scale_factor`` first (diffusion works on scaled latents).
     ``devices``: the exact decode's devices (``maisicore.vae.tsp.decode_exact``); default the latents'.
+    ``numerics`` (``maisicore.precision.Numerics``): the exact decode's convolution format and the
+    other decodes' autocast; default the reference's (float16 autocast on CUDA, float32 on the CPU).
     """
     if method not in DECODERS:
         raise InputError(f"--decode {method!r}: choose one of {', '.join(DECODERS)}")
@@ -53,8 +77,9 @@ def decode_latents(
         from .tsp import decode_exact
 
         try:
-            image = decode_exact(autoencoder, z.float(), memory_budget_bytes, device=latents.device, log=log,
-                                 devices=devices)
+            with vae_norms_for(autoencoder, numerics):
+                image = decode_exact(autoencoder, z.float(), memory_budget_bytes, device=latents.device, log=log,
+                                     devices=devices, numerics=numerics)
         except MemoryError as exc:
             raise InputError(str(exc)) from exc
     elif method == "sliding-window":
@@ -63,10 +88,10 @@ def decode_latents(
         roi = [min(w, n) for w, n in zip(window, z.shape[2:])]
         inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=1, overlap=overlap, mode="gaussian",
                                        sw_device=latents.device, device=torch.device("cpu"))
-        with autocast_for(latents.device):
+        with vae_norms_for(autoencoder, numerics), autocast_for(latents.device, numerics):
             image = inferer(inputs=z, network=autoencoder.decode_stage_2_outputs)
     else:
-        with autocast_for(latents.device):
+        with vae_norms_for(autoencoder, numerics), autocast_for(latents.device, numerics):
             image = autoencoder.decode_stage_2_outputs(z)
     return torch.clip(image.float(), 0.0, clip_max).cpu()
 

@@ -192,11 +192,11 @@ class Conv(Node):
         weight, bias = engine.parameters(self.conv)
         if self.downsample:  # MONAI: F.pad(x, (0, 1) * 3) then conv(stride 2, padding 0)
             x, _, _ = self.source_slab(source, 2 * a, 2 * b + 1, engine)
-            x = F.pad(x, (0, 1, 0, 1))
+            x = F.pad(x.to(weight.dtype), (0, 1, 0, 1))
             return F.conv3d(x, weight, bias, stride=2)
         h = self.k // 2
         x, _, _ = self.source_slab(source, a - h, b + h, engine)
-        return F.conv3d(x, weight, bias, padding=(0, h, h))
+        return F.conv3d(x.to(weight.dtype), weight, bias, padding=(0, h, h))
 
 
 class Interp(Node):
@@ -211,7 +211,7 @@ class Interp(Node):
     def compute(self, a: int, b: int, engine: "Engine") -> torch.Tensor:
         (source,) = self.sources
         lo, hi = max(a // 2 - 1, 0), min(-(-b // 2) + 1, source.length)
-        x = source.read(lo, hi, engine).to(engine.device, non_blocking=True)
+        x = source.read(lo, hi, engine).to(engine.device, torch.float32, non_blocking=True)
         y = F.interpolate(x, scale_factor=2.0, mode="trilinear")
         return y.narrow(2, a - 2 * lo, b - a)
 
@@ -246,8 +246,8 @@ class Add(Node):
 
     def compute(self, a: int, b: int, engine: "Engine") -> torch.Tensor:
         left, right = self.sources
-        x = left.read(a, b, engine).to(engine.device, non_blocking=True)
-        return x + right.read(a, b, engine).to(engine.device, non_blocking=True)
+        x = left.read(a, b, engine).to(engine.device, torch.float32, non_blocking=True)
+        return x + right.read(a, b, engine).to(engine.device, torch.float32, non_blocking=True)
 
 
 class Stack(Node):
@@ -635,8 +635,12 @@ class Engine:
     """Computes slabs on ``device``; stored slices in ``storage`` memory. One engine per device (and
     per worker): its own copy of the convolution weights, GroupNorm coefficients and slab caches."""
 
-    def __init__(self, device: torch.device, storage: torch.device, dtype: torch.dtype = torch.float32):
+    def __init__(self, device: torch.device, storage: torch.device, dtype: torch.dtype = torch.float32,
+                 conv_dtype: torch.dtype = torch.float32):
         self.device, self.storage, self.dtype = torch.device(device), storage, dtype
+        # The convolutions' format (``--precision``): weights cast once here, inputs at each call;
+        # GroupNorm statistics, norm + SiLU, upsampling and residual sums stay float32.
+        self.conv_dtype = conv_dtype
         self._params: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.cache: dict[int, list[tuple[int, int, torch.Tensor]]] = {}  # lazily computed slices, by node
         self.coefficients: dict[int, tuple[torch.Tensor, ...]] = {}  # GroupNorm (mean, 1/std, w, b), by node
@@ -644,8 +648,8 @@ class Engine:
     def parameters(self, conv: torch.nn.Conv3d):
         key = id(conv)
         if key not in self._params:
-            w = conv.weight.detach().to(self.device)
-            b = conv.bias.detach().to(self.device) if conv.bias is not None else None
+            w = conv.weight.detach().to(self.device, self.conv_dtype)
+            b = conv.bias.detach().to(self.device, self.conv_dtype) if conv.bias is not None else None
             self._params[key] = (w, b)
         return self._params[key]
 
@@ -819,7 +823,7 @@ def run_plan(output: Node, plan: SplitPlan, engines: list[Engine], out: torch.Te
 # Public API
 # --------------------------------------------------------------------------------------------
 def _run(output: Node, device: torch.device, memory_budget_bytes, mode, slab, log, callback, what,
-         whole=None, devices=None) -> torch.Tensor:
+         whole=None, devices=None, conv_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Plan and run a graph; the output node's tensor on the host. ``whole``: a function running the
     unsplit network (offered to the planner; decodes only). ``devices``: spread the split plan's slabs
     over these (one worker each; the budget is the smallest any of them leaves)."""
@@ -839,7 +843,7 @@ def _run(output: Node, device: torch.device, memory_budget_bytes, mode, slab, lo
             callback(output.length, output.length)
         return out.float().cpu()
     out = torch.empty((1, output.channels, output.length, *output.plane), dtype=torch.float32, device=storage)
-    return run_plan(output, plan, [Engine(d, storage) for d in devices], out, callback)
+    return run_plan(output, plan, [Engine(d, storage, conv_dtype=conv_dtype) for d in devices], out, callback)
 
 
 def _module_device(module: torch.nn.Module) -> torch.device | None:
@@ -858,6 +862,7 @@ def decode_exact(
     callback=None,
     log=None,
     devices=None,
+    numerics=None,
 ) -> torch.Tensor:
     """``autoencoder.decode(latents)`` computed slab by slab: (1, 4, X, Y, Z) → (1, 1, 4X, 4Y, 4Z),
     float32 on CPU, equal to the unsplit decode up to float rounding.
@@ -873,25 +878,30 @@ def decode_exact(
         devices: several compute devices (``--devices``, e.g. ``["cuda:0", "cuda:1"]``; a device may
             repeat): each sweep of a split plan is cut into one run of slabs per device, run in
             threads, with the result of one device. The whole-volume decode runs on the first.
+        numerics: ``maisicore.precision.Numerics``: the split plan's convolutions in
+            ``numerics.decode_conv`` (GroupNorm statistics float64, norm + SiLU float32), the
+            whole-volume decode under ``numerics.decode_autocast``; default the reference's (split
+            plan float32, whole-volume decode under float16 autocast on CUDA).
     """
     if latents.ndim != 5 or latents.shape[0] != 1:
         raise ValueError(f"latents must be (1, C, X, Y, Z), got {tuple(latents.shape)}")
+    from ..precision import autocast_for, torch_dtype
+
+    conv_dtype = torch_dtype(numerics.decode_conv) if numerics is not None else torch.float32
     devices = [torch.device(d) for d in devices] if devices else None
     device = devices[0] if devices else torch.device(device or latents.device)
     _, output = decoder_graph(autoencoder, latents.detach().to("cpu", torch.float32))
 
     def whole() -> torch.Tensor:
-        from ..precision import autocast_for
-
         network = autoencoder
         if devices and _module_device(autoencoder) not in (None, device):  # --devices elsewhere than the model
             import copy
 
             network = copy.deepcopy(autoencoder).to(device)
-        with autocast_for(device):  # float16 on CUDA as the reference (the norm may output float16)
+        with autocast_for(device, numerics):  # reference: float16 on CUDA (the norm may output float16)
             return network.decode(latents.detach().to(device, torch.float32))
 
-    return _run(output, device, memory_budget_bytes, mode, slab, log, callback, "decode", whole, devices)
+    return _run(output, device, memory_budget_bytes, mode, slab, log, callback, "decode", whole, devices, conv_dtype)
 
 
 @torch.no_grad()
