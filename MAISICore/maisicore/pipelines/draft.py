@@ -27,7 +27,7 @@ from ..errors import Cancelled, InputError
 from ..io.geometry import Volume, undo_reorientation
 from ..models.presets import ModelPreset
 from ..vae.decode import decode_latents, unit_to_hu
-from .generate import HU_BACKGROUND, GenerationPlan, ProgressFn, generate_latents
+from .plan import HU_BACKGROUND, GenerationPlan, ProgressFn, generate_latents
 from .requests import DRAFT_MAX_STEPS
 
 # Voxels per draft voxel along each axis. Measured on a 2-core AVX2 CPU with official-width rflow-ct

@@ -39,7 +39,7 @@ from ..errors import Cancelled, InputError
 from ..io.geometry import Volume, to_closest_ras, undo_reorientation
 from ..models.weights import LoadedModel
 from ..vae.decode import decode_latents, hu_to_unit, unit_to_hu
-from .generate import GenerationPlan, make_denoise_fn
+from .plan import GenerationPlan, make_denoise_fn
 from .requests import InpaintRequest
 
 # Tumour types, host organs, the ROI constants and size rule live in ``maisicore.anatomy.tumors``
@@ -158,7 +158,7 @@ def blended_sample(
     is generated. ``numerics``: the precision of each stage (default the reference's for the device).
     Returns the latents."""
     from ..precision import reference_numerics_for
-    from .generate import loop_autocast
+    from .plan import loop_autocast
 
     device = model.device
     numerics = numerics if numerics is not None else reference_numerics_for(device.type)
@@ -471,7 +471,7 @@ class InpaintPipeline:
     ) -> InpaintResult:
         """Run a request (or a prepared one); nothing is written (``write_inpaint_result``)."""
         prepared = request if isinstance(request, PreparedInpaint) else prepare_inpaint(request, image)
-        from .generate import precision_numerics
+        from .plan import precision_numerics
 
         r = prepared.request
         numerics = precision_numerics(self.model, r)

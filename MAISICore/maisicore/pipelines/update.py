@@ -23,8 +23,8 @@ from ..errors import InputError
 from ..io.geometry import Volume, to_closest_ras, undo_reorientation
 from ..models.presets import BODY_REGIONS, ModelPreset, check_sampler, modality_code
 from ..validation import check_mask_values, check_steps
-from .generate import HU_BACKGROUND, GenerationPlan
 from .inpaint import FEATHER_VOXELS, _crop, _roi_box, blended_sample, composite, decode_region, encode_region, paste
+from .plan import HU_BACKGROUND, GenerationPlan
 
 DEFAULT_MARGIN_MM = 10.0  # regenerated around the changed voxels: room for the new organ's boundary to settle
 
