@@ -363,6 +363,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("request", metavar="REQUEST.json", help="the request (JSON); - reads standard input")
     run.set_defaults(handler=_cmd_run)
 
+    serve = commands.add_parser(
+        "serve",
+        help="a warm worker: JSON-lines requests with an id on stdin, their events on stdout, networks kept loaded",
+        description=(
+            "Read requests ({\"id\": ID, \"kind\": ...}, the fields of `maisi run`) and cancels ({\"cancel\": ID}) as "
+            "JSON lines on stdin; answer with `maisi run`'s events, each with its request's id, on stdout. One request "
+            "at a time; loaded networks are kept between requests. Ends (exit 0) when stdin closes, and when the "
+            "parent process dies. See maisicore.pipelines.serve."
+        ),
+    )
+    serve.set_defaults(handler=_cmd_serve)
+
     _add_batch_command(commands)
     _add_training_commands(commands)
     _add_evaluate_command(commands)
@@ -642,6 +654,13 @@ def _cmd_run(args) -> int:
         report.emit("error", code=1, message=f"{type(exc).__name__}: {exc}")
         raise
     return 0
+
+
+def _cmd_serve(args) -> int:
+    """``maisi serve``: the warm worker (``maisicore.pipelines.serve``)."""
+    from .pipelines.serve import serve_main
+
+    return serve_main()
 
 
 def _cmd_labels_list(args) -> int:

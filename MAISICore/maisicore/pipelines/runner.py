@@ -94,6 +94,12 @@ class EventReport(Report):
                   notes=summary.notes, timings=summary.timings, details=summary.details)
 
 
+def attention_for(request) -> str:
+    """The attention a request's networks run: MONAI's own for ``reference_numerics``, else SDPA
+    (``maisicore.precision.PrecisionChoice.attention``)."""
+    return "monai" if getattr(request, "reference_numerics", False) else "sdpa"
+
+
 def _fmt(values, spec: str = "g") -> str:
     return "×".join(format(v, spec) for v in values)
 
@@ -104,8 +110,14 @@ def _qc_rows(checks) -> list[dict] | None:
     return [dict(vars(c), passed=c.passed, checked=c.checked) for c in checks]
 
 
-def run_generate(request: GenerateRequest, report: Report, cancel: Callable[[], bool] | None = None) -> RunSummary:
-    """Check, load, generate and write a ``GenerateRequest``; raises ``InputError``/``Cancelled``."""
+def run_generate(request: GenerateRequest, report: Report, cancel: Callable[[], bool] | None = None,
+                 models=None) -> RunSummary:
+    """Check, load, generate and write a ``GenerateRequest``; raises ``InputError``/``Cancelled``.
+
+    ``models``: where loaded networks come from instead of loading them for this request (``maisi
+    serve``'s ``pipelines.serve.ModelCache``): ``models.admit(prepared, device)`` is the admission
+    check (it may unload other models to make room) and ``models.model(preset, weights_dir, device,
+    attention)`` the loaded networks."""
     from ..devices import resolve_devices
     from ..validation import resolve_device
     from .admission import check_admission
@@ -116,7 +128,10 @@ def run_generate(request: GenerateRequest, report: Report, cancel: Callable[[], 
         report.note(note)
     device = resolve_device(request.device)
     resolve_devices(request.devices)  # --devices present on this machine, before any network
-    estimate = check_admission(prepared, device.type)  # too large → InputError before any network
+    if models is None:
+        estimate = check_admission(prepared, device.type)  # too large → InputError before any network
+    else:
+        estimate = models.admit(prepared, device)
     plan = prepared.plan
     if request.dry_run:
         summary = RunSummary(notes=list(prepared.notes), details={
@@ -128,7 +143,10 @@ def run_generate(request: GenerateRequest, report: Report, cancel: Callable[[], 
                                f"{plan.steps} steps; {estimate.describe()}; nothing was run or written")
         return summary
     report.info(estimate.describe())
-    pipeline = GeneratePipeline.from_request(request)
+    if models is None:
+        pipeline = GeneratePipeline.from_request(request)
+    else:
+        pipeline = GeneratePipeline(models.model(prepared.preset, prepared.weights_dir, device, attention_for(request)))
     region = f", body region {plan.body_region[0]}→{plan.body_region[1]}" if plan.body_region else ""
     source = f", following {request.mask}" if request.mask else (
         f", anatomy {', '.join(request.anatomy)}" if request.anatomy else (
@@ -153,12 +171,21 @@ def run_generate(request: GenerateRequest, report: Report, cancel: Callable[[], 
     return summary
 
 
-def run_inpaint(request: InpaintRequest, report: Report, cancel: Callable[[], bool] | None = None) -> RunSummary:
-    """Check, load, inpaint and write an ``InpaintRequest``."""
+def run_inpaint(request: InpaintRequest, report: Report, cancel: Callable[[], bool] | None = None,
+                models=None) -> RunSummary:
+    """Check, load, inpaint and write an ``InpaintRequest`` (``models``: as for ``run_generate``)."""
     from .inpaint import InpaintPipeline, prepare_inpaint, write_inpaint_result
 
     prepared = prepare_inpaint(request)
-    pipeline = InpaintPipeline.from_request(request)
+    if models is None:
+        pipeline = InpaintPipeline.from_request(request)
+    else:
+        from ..models.weights import resolve_model
+        from ..validation import resolve_device
+
+        preset, weights_dir = resolve_model(request.model, request.weights_dir)
+        pipeline = InpaintPipeline(models.model(preset, weights_dir, resolve_device(request.device),
+                                                attention_for(request)))
     report.info(f"{prepared.preset.key} on {pipeline.model.device}: inpainting {request.tumor_type} "
                 f"({int(prepared.tumor_mask.sum())} voxels), seed {request.seed}")
     result = pipeline(prepared, progress=report.progress, cancel=cancel)
@@ -173,7 +200,8 @@ def run_inpaint(request: InpaintRequest, report: Report, cancel: Callable[[], bo
     return summary
 
 
-def run_weights(request: WeightsRequest, report: Report, cancel: Callable[[], bool] | None = None) -> RunSummary:
+def run_weights(request: WeightsRequest, report: Report, cancel: Callable[[], bool] | None = None,
+                models=None) -> RunSummary:
     """``list`` the official models, ``download`` one (licence accepted in the request) or ``remove`` one."""
     from ..models import download
 
@@ -206,6 +234,8 @@ def run_weights(request: WeightsRequest, report: Report, cancel: Callable[[], bo
 RUNNERS = {"generate": run_generate, "inpaint": run_inpaint, "weights": run_weights}
 
 
-def run_request(request: Request, report: Report, cancel: Callable[[], bool] | None = None) -> RunSummary:
-    """Carry out any request (generate, inpaint, weights) and report on ``report``."""
-    return RUNNERS[request.kind](request, report, cancel)
+def run_request(request: Request, report: Report, cancel: Callable[[], bool] | None = None,
+                models=None) -> RunSummary:
+    """Carry out any request (generate, inpaint, weights) and report on ``report``; ``models``: the
+    loaded networks to use (see ``run_generate``), else each request loads its own."""
+    return RUNNERS[request.kind](request, report, cancel, models)
