@@ -441,6 +441,12 @@ class GenerateLogic:
         if worker is not None:
             worker.close()
 
+    def __del__(self) -> None:  # a logic dropped without shutdown (scripts, tests) ends its worker too
+        try:
+            self.shutdown()
+        except Exception:
+            pass
+
     # ---- starting runs
     def start(self, source, options: RunOptions) -> GenerationJob:
         """Prepare the inputs of ``source`` (FromSegmentation, RandomAnatomy or InpaintTumor) in a
