@@ -224,3 +224,40 @@ def test_the_worker_ends_when_its_parent_is_killed(tmp_path):
     assert not _alive(pid), "the worker outlived its parent by 5 s"
     print(f"worker gone {time.monotonic() - started:.2f} s after its parent was killed")
     parent.process.stdin.close()
+
+
+@pytest.mark.slow
+def test_a_second_model_unloads_the_first_when_both_do_not_fit(tiny_weights, tmp_path):
+    """Two models: the second request's budget (``memory_budget_gb``) fits it with the first model
+    unloaded, not beside it: the first is unloaded (a note says so) and the result comes; a request
+    that fits with nothing else loaded either is refused in one line and unloads nothing."""
+    rflow, ddpm = tiny_weights["rflow-ct"], tiny_weights["ddpm-ct"]
+    grid = {"size": [N, N, N], "spacing": [4.0, 4.0, 4.0], "steps": 1}
+    worker = Worker(cwd=tmp_path)
+    assert worker.next_event(120)["event"] == "ready"
+    worker.send(_request(rflow, id="a", out=str(tmp_path / "a.nrrd"), **grid))
+    assert worker.finished("a")[-1]["event"] == "result"
+
+    second = _request(ddpm, model="ddpm-ct", out=str(tmp_path / "b.nrrd"), **grid)
+    worker.send({**second, "id": "estimate", "dry_run": True})
+    events = worker.finished("estimate")
+    assert events[-1]["event"] == "result" and events[0]["models_loaded"] == 1, events
+    peak = events[-1]["details"]["memory"]["peak_bytes"]  # with the first model loaded beside it
+    first_bytes = sum(path.stat().st_size for path in (rflow / "models").glob("*.pt"))
+    budget_gb = (peak - first_bytes / 2) / 2**30  # fits only with the first model's weights freed
+    worker.send({**second, "id": "b", "memory_budget_gb": budget_gb})
+    events = worker.finished("b")
+    assert events[-1]["event"] == "result", events
+    assert events[0]["models_loaded"] == 1
+    assert any(e["event"] == "note" and e["message"].startswith("unloaded rflow-ct/tiny from") for e in events), events
+
+    # Too large even alone (the first model again, within 0.3 GiB): refused, the loaded model stays.
+    worker.send(_request(rflow, id="huge", out=str(tmp_path / "huge.nrrd"), memory_budget_gb=0.3, **grid))
+    events = worker.finished("huge")
+    assert events[-1]["event"] == "error" and events[-1]["code"] == 2
+    assert "more than the 0.3 GiB budget even with the 1 other loaded model(s) unloaded" in events[-1]["message"], events
+    worker.send({**second, "id": "again"})
+    events = worker.finished("again")
+    assert events[-1]["event"] == "result" and events[0]["models_loaded"] == 1  # ddpm-ct only: rflow-ct was unloaded
+    assert not any(e["event"] == "note" and e["message"].startswith("unloaded") for e in events)
+    assert worker.close() == 0

@@ -144,18 +144,28 @@ class ModelCache:
         if entry is not None and entry[0] != stamps:
             self.evict(key, "(its weight files changed)")
 
+    def _victims(self, key: tuple, excess: int) -> list[tuple] | None:
+        """The least recently used other models whose weights free at least ``excess`` bytes (none
+        when ``excess`` <= 0), or None when unloading them all would not."""
+        victims, freed = [], 0
+        for other in self._models:
+            if freed >= excess:
+                break
+            if other != key:
+                victims.append(other)
+                freed += self.held_bytes(other)
+        return victims if freed >= excess else None
+
     def make_room(self, preset, weights_dir, device) -> None:
-        """Unload the least recently used models while loading ``preset`` (not loaded; its
-        checkpoints are held twice while loading) would not fit in what the device has free."""
+        """Unload the least recently used models when loading ``preset`` (its checkpoints are held
+        twice while loading) would not fit in what the device has free; when unloading them all would
+        not make it fit, nothing is unloaded (the load itself reports the failure)."""
         from .admission import LOAD_OVERHEAD_BYTES, _resident_bytes, _weights_bytes, default_budget_bytes
 
         weights, loading = _weights_bytes(preset, Path(weights_dir))
-        need = weights + loading + LOAD_OVERHEAD_BYTES
-        while self._models:
-            free = default_budget_bytes(device.type) - (_resident_bytes() if device.type != "cuda" else 0)
-            if need <= free:
-                return
-            self.evict(next(iter(self._models)))
+        free = default_budget_bytes(device.type) - (_resident_bytes() if device.type != "cuda" else 0)
+        for victim in self._victims(self.key(preset, weights_dir, device, ""), weights + loading + LOAD_OVERHEAD_BYTES - free) or ():
+            self.evict(victim)
 
     def model(self, preset, weights_dir, device, attention: str = "sdpa"):
         """The loaded networks (``models.weights.LoadedModel``), loaded on first use."""
@@ -173,35 +183,36 @@ class ModelCache:
         return loaded
 
     def admit(self, prepared, device):
-        """Admission control for a generation (``pipelines.admission``) with the loaded models: a
-        loaded model's weights count once (they are in what the process holds); while the request
-        does not fit, the least recently used other model is unloaded. One-line ``InputError`` when
-        it does not fit with no other model loaded."""
+        """Admission control for a generation (``pipelines.admission``) with the loaded models: this
+        request's model, when loaded, counts once (its weights are in what the process holds); when
+        the request does not fit, the least recently used other models are unloaded, as few as make
+        it fit (their checkpoint bytes count as freed). One-line ``InputError``, nothing unloaded,
+        when it would not fit with every other model unloaded."""
         from .admission import GiB, default_budget_bytes, estimate_generation_memory
 
         request = prepared.request
         key = self.key(prepared.preset, prepared.weights_dir, device, attention_for(request))
         self._drop_stale(key, _stamps(prepared.preset, Path(prepared.weights_dir)))
-        while True:
-            budget = (int(request.memory_budget_gb * GiB) if request.memory_budget_gb
-                      else default_budget_bytes(device.type))
-            held = self.held_bytes(key)
-            estimate = estimate_generation_memory(prepared, device.type, budget + held)
-            estimate.budget_bytes = budget
-            estimate.peak_bytes -= held
-            if held:
-                estimate.parts["weights"] = 0  # loaded already: in the baseline (CPU) or the device's used memory
-                estimate.parts["loading"] = 0
-            if estimate.fits:
-                return estimate
-            victim = self._oldest_other(key)
-            if victim is None:
-                size = "×".join(map(str, prepared.plan.size))
-                raise InputError(
-                    f"{size} voxels need an estimated {estimate.peak_bytes / GiB:.1f} GiB at the {estimate.peak_phase} "
-                    f"peak on {estimate.device}, more than the {budget / GiB:.1f} GiB budget; ask for a smaller --size, "
-                    "use another device (--device cuda), or raise --memory-budget")
+        budget = int(request.memory_budget_gb * GiB) if request.memory_budget_gb else default_budget_bytes(device.type)
+        held = self.held_bytes(key)
+        estimate = estimate_generation_memory(prepared, device.type, budget + held)
+        estimate.budget_bytes = budget
+        estimate.peak_bytes -= held
+        if held:
+            estimate.parts["weights"] = estimate.parts["loading"] = 0  # loaded already: in the baseline
+        victims = self._victims(key, estimate.peak_bytes - budget)
+        if victims is None:
+            size = "×".join(map(str, prepared.plan.size))
+            others = len(self._models) - (1 if held else 0)
+            unloading = f" even with the {others} other loaded model(s) unloaded" if others else ""
+            raise InputError(
+                f"{size} voxels need an estimated {estimate.peak_bytes / GiB:.1f} GiB at the {estimate.peak_phase} "
+                f"peak on {estimate.device}, more than the {budget / GiB:.1f} GiB budget{unloading}; ask for a smaller "
+                "--size, use another device (--device cuda), or raise --memory-budget")
+        for victim in victims:
+            estimate.peak_bytes -= self.held_bytes(victim)
             self.evict(victim)
+        return estimate
 
 
 # ---- the loop ----------------------------------------------------------------------------------------
