@@ -284,7 +284,7 @@ def _take_line(line: str, number: int, state: _State, output: Output) -> None:
                                                              "id of a request (a string or an integer), nothing else")
             return
         with state.lock:
-            if state.running == target and not state.cancel.is_set():
+            if state.running == target:
                 state.cancel.set()  # the request's own error event (130) follows at its next step
                 return
             if target in state.waiting:
