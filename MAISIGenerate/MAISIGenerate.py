@@ -220,6 +220,7 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._observedSegmentation = None
         self._job = None
+        self._cancelling = None  # a cancelled job whose warm worker has not answered yet
         self._download = None
         self._statusJob = None  # `maisi weights list` running in the worker
         self._weightRows = None
@@ -270,9 +271,7 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateDependencyButton()
 
     def cleanup(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
-            self._job = None
+        self.stopWorker(resetPanel=False)
         if self._download is not None:
             self._download.cancel()
             self._download = None
@@ -281,6 +280,23 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._statusJob = None
         self._timer.stop()
         self.removeObservers()
+
+    def stopWorker(self, resetPanel: bool = True) -> None:
+        """End the running generation (nothing is added) and the warm worker: module cleanup (also
+        when Slicer exits) and scene close. The next Apply starts a new worker."""
+        for job in (self._job, self._cancelling):
+            if job is not None:
+                job.begin_cancel()
+        if self.logic is not None:
+            self.logic.shutdown()  # closes the worker's input: it cancels what runs and exits (killed if it does not)
+        for job in (self._job, self._cancelling):
+            if job is not None:
+                job.cleanup()
+        if self._job is not None:
+            self._job = None
+            if resetPanel:
+                self.resetApply()
+        self._cancelling = None
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -295,6 +311,7 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self.stopWorker()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -696,7 +713,7 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for line in self._job.log:
                 self.appendLog(line)
             self.ui.applyButton.text = _("Cancel")
-            self.ui.applyButton.toolTip = _("Stop the generation (kills the worker process)")
+            self.ui.applyButton.toolTip = _("Stop the generation (the worker keeps its loaded model for the next Apply)")
             self.ui.progressBar.value = 0
             self._timer.start()
 
@@ -707,10 +724,29 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.app.processEvents(qt.QEventLoop.ExcludeUserInputEvents)
 
     def cancelJob(self) -> None:
+        """Ask the worker to stop at its next step without blocking the panel; the timer waits for
+        its answer (and kills it only if it does not answer within its grace period)."""
         job, self._job = self._job, None
-        job.cancel()
-        self.appendLog(_("Cancelled; nothing was added to the scene."))
+        if self._cancelling is not None:  # an earlier cancel still unanswered: stop that one now
+            self._cancelling.cancel()
+        job.begin_cancel()
+        self._cancelling = job
+        self.appendLog(_("Cancelling…"))
         self.resetApply()
+        self._timer.start()
+
+    def pollCancelling(self) -> None:
+        job = self._cancelling
+        job.poll()
+        if job.done or job.cancel_overdue:
+            self._cancelling = None
+            killed = not job.done
+            if killed:
+                job.worker.cancel(grace_s=0)  # no answer within its grace period: kill the worker's tree
+            job.cleanup()
+            if killed:
+                self.appendLog(_("The worker did not stop in time and was ended; the next Apply starts a new one."))
+            self.appendLog(_("Cancelled; nothing was added to the scene."))
 
     def resetApply(self) -> None:
         self.ui.applyButton.text = _("Apply")
@@ -728,6 +764,8 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     result = job.finish()
                     self.showResult(result)
                 self.resetApply()
+        if self._cancelling is not None:
+            self.pollCancelling()
         if self._download is not None:
             for line in self._download.poll():
                 self.appendLog(line)
@@ -743,7 +781,7 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._statusJob.poll()
             if self._statusJob.done:
                 self.onWeightsStatusDone()
-        if self._job is None and self._download is None and self._statusJob is None:
+        if self._job is None and self._cancelling is None and self._download is None and self._statusJob is None:
             self._timer.stop()
 
     def showResult(self, result) -> None:

@@ -7,7 +7,9 @@ process and tiny random weights (`maisi weights init --width tiny --nonzero-init
 - Inpainting a tumour at a point, and random anatomy without a mask: new nodes, right geometry.
 - Random anatomy with anatomy sizes (the "Anatomy sizes" sliders): the mask networks generate the
   mask; a CT on the requested grid and its labels; sizes with anatomy names are refused in one line.
-- Cancel: the worker's process group is gone within 2 s and nothing is added to the scene.
+- One warm worker (`maisi serve`) for every Apply: two Applies and a cancelled one then another
+  run in the same process; a cancel is answered (error 130) and nothing is added to the scene.
+- Cancel of a one-shot worker (`warm=False`, `maisi run`): its process group is gone within 2 s.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def test_generation_from_segmentation_matches_the_cli_on_the_reference_grid(scen
     lines = []
 
     job = logic.start(FromSegmentation(segmentation, reference), _options(tiny_weights))
-    assert job.command[-3:] == ["maisicore", "run", str(job.request_file)]  # a request, not an argv
+    assert job.command[-2:] == ["maisicore", "serve"] and job.request_file.is_file()  # a request to the warm worker
     deadline = time.monotonic() + 600
     while not job.done and time.monotonic() < deadline:
         lines += job.poll()
@@ -268,8 +270,8 @@ def test_cancel_kills_the_worker_within_2_s_and_adds_nothing(scene, sphere_case,
     reference, segmentation = sphere_case
     nodes_before = node_ids(scene)
     temp_before = _maisi_temp_dirs()
-    # 1000 denoising steps on a 128³ grid: minutes of work for the worker.
-    job = GenerateLogic().start(RandomAnatomy(size=(128, 128, 128), spacing=(2.0, 2.0, 2.0)),
+    # 1000 denoising steps on a 128³ grid: minutes of work for the (one-shot) worker.
+    job = GenerateLogic(warm=False).start(RandomAnatomy(size=(128, 128, 128), spacing=(2.0, 2.0, 2.0)),
                                 _options(tiny_weights, steps=1000))
     deadline = time.monotonic() + 180
     while job.progress is None:  # wait for the first progress line: the model is loaded and running
@@ -292,10 +294,62 @@ def test_cancel_kills_the_worker_within_2_s_and_adds_nothing(scene, sphere_case,
 
     # The blocking path (batch scripts) cancels the same way and returns None.
     seen = []
-    result = GenerateLogic().run(FromSegmentation(segmentation, reference), _options(tiny_weights, steps=1000),
+    result = GenerateLogic(warm=False).run(FromSegmentation(segmentation, reference), _options(tiny_weights, steps=1000),
                                  progress=lambda *p: seen.append(p), should_cancel=lambda: bool(seen))
     assert result is None and seen
     assert node_ids(scene) == nodes_before
+
+
+def _run_job(job, deadline_s: float = 600):
+    deadline = time.monotonic() + deadline_s
+    while not job.done:
+        job.poll()
+        assert time.monotonic() < deadline, "\n".join(job.log)
+        time.sleep(0.05)
+    return job.finish()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_one_warm_worker_serves_every_apply_and_survives_a_cancel(scene, tiny_weights):
+    """Apply twice: one worker process for both, the second run on the loaded networks; Cancel of a
+    long run is answered by the worker (error 130, nothing added) and the next Apply runs in the
+    same process; shutdown (module cleanup, scene close) ends it."""
+    logic = GenerateLogic()
+    source = RandomAnatomy(size=(N, N, N), spacing=(5.0, 5.0, 5.0))
+    first = logic.start(source, _options(tiny_weights, seed=1))
+    pid = first.worker.pid
+    result = _run_job(first)
+    assert result.volume_node.GetName() == "MAISI rflow-ct seed 1" and process_alive(pid)
+    second = logic.start(source, _options(tiny_weights, seed=2))
+    assert second.worker.pid == pid
+    _run_job(second)
+    assert any(line.startswith("rflow-ct/tiny on cpu") for line in second.log)
+    assert logic.serve_worker() is second.worker.worker and second.worker.worker.ready["pid"] == pid
+
+    nodes_before = node_ids(scene)
+    long = logic.start(RandomAnatomy(size=(64, 64, 64), spacing=(4.0, 4.0, 4.0)), _options(tiny_weights, steps=1000))
+    assert long.worker.pid == pid
+    deadline = time.monotonic() + 180
+    while long.progress is None:
+        long.poll()
+        assert not long.done and time.monotonic() < deadline, "\n".join(long.log)
+        time.sleep(0.05)
+    started = time.monotonic()
+    long.cancel()
+    assert time.monotonic() - started < long.worker.grace_s()
+    assert long.worker.returncode == 130 and not long.worker.killed  # answered, not killed
+    assert process_alive(pid) and not long.workdir.exists() and node_ids(scene) == nodes_before
+
+    after = logic.start(source, _options(tiny_weights, seed=3))
+    assert after.worker.pid == pid
+    assert _run_job(after).volume_node.GetName() == "MAISI rflow-ct seed 3"
+
+    logic.shutdown()
+    deadline = time.monotonic() + 10
+    while process_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not process_alive(pid)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; Windows uses taskkill /T")

@@ -56,10 +56,15 @@ class PrecisionChoice:
     def attention(self) -> str:
         """The attention the networks run: MONAI's own N × N attention for the reference's numbers,
         else ``scaled_dot_product_attention`` (``maisicore.models.networks``)."""
-        return "monai" if self.reference_numerics else "sdpa"
+        return attention_for(self.reference_numerics)
 
     def describe(self) -> str:
         return f"precision {self.name} ({self.reason})"
+
+
+def attention_for(reference_numerics: bool) -> str:
+    """MONAI's own N × N attention for the reference's numbers, else ``scaled_dot_product_attention``."""
+    return "monai" if reference_numerics else "sdpa"
 
 
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:

@@ -96,7 +96,7 @@ def main(argv: list[str]) -> int:
         headless_scene()
     segmentation = load(args.segmentation, "vtkMRMLSegmentationNode")
     reference = load(args.reference, "vtkMRMLScalarVolumeNode") if args.reference else None
-    logic = GenerateLogic()
+    logic = GenerateLogic(warm=False)  # one run: a one-shot `maisi run` worker
     build = logic.labels_from_segmentation(segmentation, reference)
     print(build.summary(), flush=True)
     options = RunOptions(args.model, args.weights_dir, args.seed, args.steps, args.device, args.allow_any_size)

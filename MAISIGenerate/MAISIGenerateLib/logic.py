@@ -29,7 +29,7 @@ from maisicore.models.presets import MODEL_NAMES, get_preset
 
 from . import mrml
 from .parameters import FromSegmentation, InpaintTumor, RandomAnatomy, RunOptions
-from .process import WorkerProcess, parse_event, run_command, run_to_end, worker_environment, worker_python
+from .process import ServeWorker, WorkerProcess, parse_event, run_command, run_to_end, worker_environment, worker_python
 
 # ---- segments -> MAISI labels -------------------------------------------------------------------
 
@@ -274,8 +274,10 @@ class GenerationResult:
 
 
 class GenerationJob:
-    """One worker run (``maisi run REQUEST.json``). Poll it (``poll``), then call ``finish`` once
-    ``done``; or ``cancel``.
+    """One worker run: a request sent to the warm worker (``serve``: a ``ServeWorker``, ``maisi
+    serve``) or, without one, a ``maisi run REQUEST.json`` process. Poll it (``poll``), then call
+    ``finish`` once ``done``; or ``cancel`` (``begin_cancel`` + ``cancel_overdue`` to cancel without
+    blocking).
 
     The job owns a temporary folder with the request, the worker's inputs and outputs; ``finish`` and
     ``cancel`` delete it. No node is created before ``finish``, so a cancelled or failed run leaves the
@@ -283,21 +285,22 @@ class GenerationJob:
     ``result_event`` and ``error_event``."""
 
     def __init__(self, request, python: list[str], workdir: Path,
-                 make_result: Callable[[GenerationJob], GenerationResult] | None = None):
+                 make_result: Callable[[GenerationJob], GenerationResult] | None = None,
+                 serve: ServeWorker | None = None):
         from maisicore.pipelines.requests import write_request
 
         self.request = request
         self.workdir = workdir
-        self.request_file = workdir / "request.json"
+        self.request_file = workdir / "request.json"  # the run's request as `maisi run` takes it
         write_request(self.request_file, request)
-        self.command = run_command(python, self.request_file)
+        self.command = serve.command if serve is not None else run_command(python, self.request_file)
         self._make_result = make_result
         self.log: list[str] = []
         self.progress: tuple[str, int, int] | None = None
         self.result_event: dict | None = None
         self.error_event: dict | None = None
         self.label_build: LabelBuild | None = None  # from-segmentation runs: how the segments were matched
-        self.worker = WorkerProcess(self.command, env=worker_environment())
+        self.worker = serve.submit(request) if serve is not None else WorkerProcess(self.command, env=worker_environment())
 
     @property
     def done(self) -> bool:
@@ -361,11 +364,26 @@ class GenerationJob:
             self.cleanup()
 
     def cancel(self) -> None:
-        """Kill the worker's process tree and delete the temporary folder; no node is created."""
+        """Stop the run and delete the temporary folder; no node is created. A warm worker is asked to
+        stop (killed only when it does not answer within its grace period); a one-shot worker's process
+        tree is killed."""
         try:
             self.worker.cancel()
         finally:
             self.cleanup()
+
+    def begin_cancel(self) -> None:
+        """Ask the run to stop without waiting (a one-shot worker is killed at once); poll until
+        ``done``, or call ``cancel`` when ``cancel_overdue``; then ``cleanup``."""
+        if isinstance(self.worker, WorkerProcess):
+            self.worker.cancel()
+        else:
+            self.worker.request_cancel()
+
+    @property
+    def cancel_overdue(self) -> bool:
+        """A cancel was asked for and the worker has not answered within its grace period."""
+        return bool(getattr(self.worker, "cancel_overdue", False))
 
     def cleanup(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -391,8 +409,12 @@ class GenerateLogic:
     """MAISIGenerate's logic (no Qt). ``python``: the interpreter command that runs the worker
     (default: PythonSlicer inside Slicer, else this interpreter)."""
 
-    def __init__(self, python: list[str] | None = None):
+    def __init__(self, python: list[str] | None = None, warm: bool = True):
         self.python = list(python) if python else worker_python()
+        # One warm `maisi serve` worker for every run (started at the first, kept while it lives):
+        # only the first run pays for starting Python, importing torch and loading the weights.
+        self.warm = warm
+        self._serve: ServeWorker | None = None
         # Called with (slices done, total) while a segmentation is turned into labels: the widget
         # moves its progress bar and repaints (no user input) during the seconds a large one takes.
         self.label_progress: Callable[[int, int], None] | None = None
@@ -404,6 +426,27 @@ class GenerateLogic:
     suggest_grid = staticmethod(suggest_grid)
     inpaint_region_size = staticmethod(inpaint_region_size)
     estimate_seconds = staticmethod(estimate_seconds)
+
+    # ---- the warm worker
+    def serve_worker(self) -> ServeWorker | None:
+        """The warm worker, started when there is none (or it ended); None when ``warm`` is off."""
+        if not self.warm:
+            return None
+        if self._serve is None or not self._serve.alive:
+            self._serve = ServeWorker(self.python, env=worker_environment())
+        return self._serve
+
+    def shutdown(self) -> None:
+        """End the warm worker (module cleanup, scene close, Slicer exit); the next run starts a new one."""
+        worker, self._serve = self._serve, None
+        if worker is not None:
+            worker.close()
+
+    def __del__(self) -> None:  # a logic dropped without shutdown (scripts, tests) ends its worker too
+        try:
+            self.shutdown()
+        except Exception:
+            pass
 
     # ---- starting runs
     def start(self, source, options: RunOptions) -> GenerationJob:
@@ -474,7 +517,7 @@ class GenerateLogic:
         def make_result(job: GenerationJob) -> GenerationResult:
             return self._read_outputs(ct_file, labels_file, name, reference)
 
-        job = GenerationJob(request, self.python, workdir, make_result)
+        job = GenerationJob(request, self.python, workdir, make_result, serve=self.serve_worker())
         job.log.append(build.summary())
         job.label_build = build
         return job
@@ -510,7 +553,7 @@ class GenerateLogic:
         def make_result(job: GenerationJob) -> GenerationResult:
             return self._read_outputs(ct_file, labels_file if has_labels else None, name, None)
 
-        return GenerationJob(request, self.python, workdir, make_result)
+        return GenerationJob(request, self.python, workdir, make_result, serve=self.serve_worker())
 
     def _start_inpaint(self, source: InpaintTumor, options: RunOptions, workdir: Path) -> GenerationJob:
         from maisicore.io.geometry import Volume
@@ -549,7 +592,7 @@ class GenerateLogic:
         def make_result(job: GenerationJob) -> GenerationResult:
             return self._read_outputs(ct_file, labels_file, name, reference)
 
-        return GenerationJob(request, self.python, workdir, make_result)
+        return GenerationJob(request, self.python, workdir, make_result, serve=self.serve_worker())
 
     @staticmethod
     def _read_outputs(ct_file: Path, labels_file: Path | None, name: str, reference) -> GenerationResult:

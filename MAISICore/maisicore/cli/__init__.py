@@ -2,7 +2,7 @@
 
 One module per command group, each defining its commands' options next to their handlers:
 
-- ``generate``: ``maisi generate``, ``inpaint`` and ``run`` (one request each; ``maisi serve`` goes there too)
+- ``generate``: ``maisi generate``, ``inpaint``, ``run`` (one request each) and ``serve`` (a warm worker)
 - ``weights``: ``maisi weights init|list|download|verify|path|remove``
 - ``labels``: ``maisi labels list|convert``
 - ``vae``: ``maisi vae encode|decode``
@@ -37,6 +37,7 @@ COMMANDS = (
     generate.add_inpaint,
     qc.add_qc,
     generate.add_run,
+    generate.add_serve,
     batch.add_batch,
     training.add_prepare,
     training.add_train,

@@ -1,7 +1,6 @@
-"""``maisi generate``, ``maisi inpaint`` and ``maisi run``: the commands that carry out one request of
-``maisicore.pipelines.requests`` (generate, inpaint, or any kind from a JSON file). A command that
-serves requests (``maisi serve``) belongs here too: its ``add_serve(commands)`` and ``_cmd_serve``
-after ``add_run``, registered in ``COMMANDS`` of ``maisicore.cli``."""
+"""``maisi generate``, ``maisi inpaint``, ``maisi run`` and ``maisi serve``: the commands that carry out
+requests of ``maisicore.pipelines.requests`` (generate, inpaint, or any kind from JSON: one from a file,
+or many in a row from a warm worker's standard input)."""
 
 from __future__ import annotations
 
@@ -293,3 +292,24 @@ def _cmd_run(args) -> int:
         report.emit("error", code=1, message=f"{type(exc).__name__}: {exc}")
         raise
     return 0
+
+
+def add_serve(commands) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="a warm worker: JSON-lines requests with an id on stdin, their events on stdout, networks kept loaded",
+        description=(
+            "Read requests ({\"id\": ID, \"kind\": ...}, the fields of `maisi run`) and cancels ({\"cancel\": ID}) as "
+            "JSON lines on stdin; answer with `maisi run`'s events, each with its request's id, on stdout. One request "
+            "at a time; loaded networks are kept between requests. Ends (exit 0) when stdin closes, and when the "
+            "parent process dies. See maisicore.pipelines.serve."
+        ),
+    )
+    serve.set_defaults(handler=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    """``maisi serve``: the warm worker (``maisicore.pipelines.serve``)."""
+    from ..pipelines.serve import serve_main
+
+    return serve_main()

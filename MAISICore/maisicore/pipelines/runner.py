@@ -94,6 +94,13 @@ class EventReport(Report):
                   notes=summary.notes, timings=summary.timings, details=summary.details)
 
 
+def attention_for(request) -> str:
+    """The attention a request's networks run (``maisicore.precision.attention_for``)."""
+    from ..precision import attention_for as rule
+
+    return rule(bool(getattr(request, "reference_numerics", False)))
+
+
 def _fmt(values, spec: str = "g") -> str:
     return "×".join(format(v, spec) for v in values)
 
@@ -104,8 +111,14 @@ def _qc_rows(checks) -> list[dict] | None:
     return [dict(vars(c), passed=c.passed, checked=c.checked) for c in checks]
 
 
-def run_generate(request: GenerateRequest, report: Report, cancel: Callable[[], bool] | None = None) -> RunSummary:
-    """Check, load, generate and write a ``GenerateRequest``; raises ``InputError``/``Cancelled``."""
+def run_generate(request: GenerateRequest, report: Report, cancel: Callable[[], bool] | None = None,
+                 models=None) -> RunSummary:
+    """Check, load, generate and write a ``GenerateRequest``; raises ``InputError``/``Cancelled``.
+
+    ``models``: where loaded networks come from instead of loading them for this request (``maisi
+    serve``'s ``pipelines.serve.ModelCache``): ``models.admit(prepared, device)`` is the admission
+    check (it may unload other models to make room) and ``models.model(preset, weights_dir, device,
+    attention)`` the loaded networks."""
     from ..devices import resolve_devices
     from ..precision import resolve_precision
     from ..validation import resolve_device
@@ -120,7 +133,10 @@ def run_generate(request: GenerateRequest, report: Report, cancel: Callable[[], 
     device = resolve_device(request.device)
     resolve_devices(request.devices)  # --devices present on this machine, before any network
     precision = resolve_precision(request.precision, device, request.reference_numerics)
-    estimate = check_admission(prepared, device.type, precision=precision)  # too large → InputError before any network
+    if models is None:  # too large → InputError before any network
+        estimate = check_admission(prepared, device.type, precision=precision)
+    else:
+        estimate = models.admit(prepared, device, precision)
     plan = prepared.plan
     if request.dry_run:
         summary = RunSummary(notes=list(prepared.notes), details={
@@ -134,7 +150,10 @@ def run_generate(request: GenerateRequest, report: Report, cancel: Callable[[], 
         return summary
     report.info(estimate.describe())
     report.info(f"{precision.describe()}; attention: {precision.attention}")
-    pipeline = GeneratePipeline.from_request(request)
+    if models is None:
+        pipeline = GeneratePipeline.from_request(request)
+    else:
+        pipeline = GeneratePipeline(models.model(prepared.preset, prepared.weights_dir, device, precision.attention))
     region = f", body region {plan.body_region[0]}→{plan.body_region[1]}" if plan.body_region else ""
     source = f", following {request.mask}" if request.mask else (
         f", anatomy {', '.join(request.anatomy)}" if request.anatomy else (
@@ -170,16 +189,21 @@ def run_generate(request: GenerateRequest, report: Report, cancel: Callable[[], 
     return summary
 
 
-def run_inpaint(request: InpaintRequest, report: Report, cancel: Callable[[], bool] | None = None) -> RunSummary:
-    """Check, load, inpaint and write an ``InpaintRequest``."""
+def run_inpaint(request: InpaintRequest, report: Report, cancel: Callable[[], bool] | None = None,
+                models=None) -> RunSummary:
+    """Check, load, inpaint and write an ``InpaintRequest`` (``models``: as for ``run_generate``)."""
     from ..precision import resolve_precision
     from ..validation import resolve_device
     from .inpaint import InpaintPipeline, prepare_inpaint, write_inpaint_result
 
     prepared = prepare_inpaint(request)
-    precision = resolve_precision(request.precision, resolve_device(request.device), request.reference_numerics)
+    device = resolve_device(request.device)
+    precision = resolve_precision(request.precision, device, request.reference_numerics)
     report.info(f"{precision.describe()}; attention: {precision.attention}; the encoder runs in float32")
-    pipeline = InpaintPipeline.from_request(request)
+    if models is None:
+        pipeline = InpaintPipeline.from_request(request)
+    else:
+        pipeline = InpaintPipeline(models.model(prepared.preset, prepared.weights_dir, device, precision.attention))
     report.info(f"{prepared.preset.key} on {pipeline.model.device}: inpainting {request.tumor_type} "
                 f"({int(prepared.tumor_mask.sum())} voxels), seed {request.seed}")
     result = pipeline(prepared, progress=report.progress, cancel=cancel)
@@ -195,7 +219,8 @@ def run_inpaint(request: InpaintRequest, report: Report, cancel: Callable[[], bo
     return summary
 
 
-def run_weights(request: WeightsRequest, report: Report, cancel: Callable[[], bool] | None = None) -> RunSummary:
+def run_weights(request: WeightsRequest, report: Report, cancel: Callable[[], bool] | None = None,
+                models=None) -> RunSummary:
     """``list`` the official models, ``download`` one (licence accepted in the request) or ``remove`` one."""
     from ..models import download
 
@@ -228,6 +253,8 @@ def run_weights(request: WeightsRequest, report: Report, cancel: Callable[[], bo
 RUNNERS = {"generate": run_generate, "inpaint": run_inpaint, "weights": run_weights}
 
 
-def run_request(request: Request, report: Report, cancel: Callable[[], bool] | None = None) -> RunSummary:
-    """Carry out any request (generate, inpaint, weights) and report on ``report``."""
-    return RUNNERS[request.kind](request, report, cancel)
+def run_request(request: Request, report: Report, cancel: Callable[[], bool] | None = None,
+                models=None) -> RunSummary:
+    """Carry out any request (generate, inpaint, weights) and report on ``report``; ``models``: the
+    loaded networks to use (see ``run_generate``), else each request loads its own."""
+    return RUNNERS[request.kind](request, report, cancel, models)
