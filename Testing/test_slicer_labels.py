@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import slicer
 import vtk
-from maisicore.anatomy.body import body_from_ct
+from maisicore.anatomy.body import envelope_from_ct
 from MAISIGenerateLib import mrml
 from MAISIGenerateLib.logic import (
     estimate_seconds,
@@ -102,8 +102,9 @@ def test_label_array_has_the_right_ids_on_the_exact_oblique_flipped_grid(case):
     expected = _expected_ids(case["masks"])
     organs = expected != 0
     np.testing.assert_array_equal(labels.array[organs], expected[organs])
-    # Everything else is background or the body envelope, taken from the reference CT (HU > -500).
-    body = body_from_ct(case["ct"]) & ~organs
+    # Everything else is background or the body envelope, taken from the reference CT (NVIDIA's
+    # add_body_envelope algorithm, test_body_envelope.py) around the painted organs.
+    body = (envelope_from_ct(expected, case["ct"], 200) == 200) & ~organs
     np.testing.assert_array_equal(labels.array[~organs], np.where(body, 200, 0)[~organs])
     assert build.body_voxels_added == int(body.sum()) > 0
     # The unresolved segment is reported (and its voxels are body, not an organ).
