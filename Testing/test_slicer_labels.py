@@ -116,6 +116,24 @@ def test_label_array_has_the_right_ids_on_the_exact_oblique_flipped_grid(case):
     assert {key: node_checksum(case[key]) for key in ("reference", "segmentation")} == before
 
 
+def test_body_options_reach_the_envelope(case):
+    """The module's body parameters (parameter node → ``parameters.body_options``) shape the envelope
+    from the reference CT as ``maisi labels convert --body-*`` does; a bad one is a one-line error."""
+    from maisicore.errors import InputError
+    from MAISIGenerateLib.parameters import body_options
+
+    options = body_options(-700.0, 5, 3, 0.02, "yes")
+    steps = []
+    build = labels_from_segmentation(case["segmentation"], case["reference"], body_options=options,
+                                     progress=lambda done, total: steps.append((done, total)))
+    expected = _expected_ids(case["masks"])
+    np.testing.assert_array_equal(build.labels.array, envelope_from_ct(expected, case["ct"], 200, options))
+    assert not np.array_equal(build.labels.array, envelope_from_ct(expected, case["ct"], 200))
+    assert steps[-1] == (8, 8)  # the envelope's steps follow the painted slices
+    with pytest.raises(InputError, match="body closing kernel 4 voxels is invalid"):
+        body_options(closing_voxels=4)
+
+
 def test_overrides_and_the_segmentations_own_geometry(case):
     segmentation = case["segmentation"]
     ids = {m.segment_name: m.segment_id for m in match_segments(segmentation)}
