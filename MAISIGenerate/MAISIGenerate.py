@@ -13,6 +13,7 @@ imported at file scope; maisicore only through ``MAISIGenerateLib``, its torch-f
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -37,6 +38,7 @@ from MAISIGenerateLib.parameters import (
     InpaintTumor,
     RandomAnatomy,
     RunOptions,
+    body_options,
     format_anatomy_sizes,
     parse_anatomy_sizes,
 )
@@ -118,6 +120,12 @@ class MAISIGenerateParameterNode:
     referenceVolume: vtkMRMLScalarVolumeNode
     segmentOverrides: str = "{}"  # JSON: segment id -> MAISI name, or 0 for "not used"
     addBody: bool = True
+    # The body envelope from the reference CT: NVIDIA's add_body_envelope parameters (its defaults).
+    bodyAirHU: Annotated[float, WithinRange(-1023.0, 0.0)] = -800.0
+    bodyClosingVoxels: Annotated[int, WithinRange(1, 31)] = 3  # odd
+    bodyBedVoxels: Annotated[int, WithinRange(1, 31)] = 5  # odd
+    bodyTableFraction: Annotated[float, WithinRange(0.001, 1.0)] = 0.05
+    bodyLungs: Annotated[str, Choice(["auto", "yes", "no"])] = "auto"  # auto: a lung lobe segment is present
     fitGrid: bool = False
     # Random anatomy
     anatomy: str = ""
@@ -672,7 +680,9 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             reference_numerics=p.referenceNumerics,
         )
         if p.mode == "segmentation":
-            source = FromSegmentation(p.inputSegmentation, p.referenceVolume, self._overrides(), p.addBody, p.fitGrid)
+            body = body_options(p.bodyAirHU, p.bodyClosingVoxels, p.bodyBedVoxels, p.bodyTableFraction, p.bodyLungs)
+            source = FromSegmentation(p.inputSegmentation, p.referenceVolume, self._overrides(), p.addBody, p.fitGrid,
+                                      body_options=body)
         elif p.mode == "random":
             regions = [r for r in (p.bodyRegionTop, p.bodyRegionBottom) if r != "auto"]
             anatomy = tuple(a.strip() for a in p.anatomy.split(",") if a.strip())
@@ -718,8 +728,11 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._timer.start()
 
     def onLabelProgress(self, done: int, total: int) -> None:
-        """Segments -> labels, slice by slice: show it and repaint (user input waits until the end)."""
-        if done % 16 == 0 or done == total:
+        """Segments -> labels slice by slice, then the body envelope's steps: show it and repaint at
+        most every 0.1 s (user input waits until the end)."""
+        now = time.monotonic()
+        if now - getattr(self, "_lastRepaint", 0.0) >= 0.1 or done == total:
+            self._lastRepaint = now
             self.ui.progressBar.value = int(100 * done / max(total, 1))
             slicer.app.processEvents(qt.QEventLoop.ExcludeUserInputEvents)
 

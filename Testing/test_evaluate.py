@@ -226,20 +226,17 @@ def test_frd_equals_frd_score_called_directly(cases, tmp_path):
 
 
 def test_plane_features_equal_the_reference_functions(tmp_path):
-    """NVIDIA's own ``get_features_2p5d`` (exported from the mirror; ``fire``, its command-line
-    wrapper, stubbed when missing) and our batched features on one image, tiny network."""
+    """NVIDIA's own ``get_features_2p5d`` (from the shared copy or a mirror, see ``nvidia_reference``;
+    ``fire``, its command-line wrapper, stubbed when missing) and our batched features on one image,
+    tiny network."""
     import importlib.util
-    import subprocess
     import sys
     import types
 
-    from nvidia_reference import mirror
+    from nvidia_reference import reference_file
 
-    if not mirror().is_dir():
-        pytest.skip(f"NVIDIA's reference code not found at {mirror()} (set MAISI_REFERENCE_REPO)")
     script = tmp_path / "reference_fid.py"
-    script.write_bytes(subprocess.run(["git", f"--git-dir={mirror()}", "show", "HEAD:scripts/compute_fid_2-5d_ct.py"],
-                                      capture_output=True, check=True).stdout)
+    script.write_bytes(reference_file("scripts/compute_fid_2-5d_ct.py"))
     if importlib.util.find_spec("fire") is None:
         sys.modules.setdefault("fire", types.ModuleType("fire"))
     spec = importlib.util.spec_from_file_location("reference_fid", script)

@@ -55,12 +55,14 @@ def test_body_envelope_covers_the_patient(real_data, converted):
     labels = _array(out)
     ct = _array(real_data / "example_ct_sm.nii.gz")
     patient = largest_component(ct > -500)  # the patient's tissue
-    assert (labels[patient] != 0).mean() >= 0.95
-    # Outside the patient: surrounding air and the table (the body contour's exterior; lungs and
-    # bowel gas are inside the patient and keep their organ labels).
-    outside = ~fill_holes(patient)
-    assert outside.sum() > 0.25 * ct.size  # a third of this scan is air and table
-    assert (labels[outside] != 0).mean() < 0.01
+    assert (labels[patient] != 0).mean() >= 0.98  # measured 0.990 (the rest: the skin's outer voxels)
+    # Outside the patient: the surrounding air (the largest region below -800 HU; lungs and bowel gas
+    # are inside the patient and keep their organ labels) and the table (test_body_envelope.py).
+    outside = largest_component(ct < -800, full_connectivity=True)
+    assert outside.sum() > 0.25 * ct.size  # 30 % of this scan is outside air
+    assert (labels[outside] != 0).mean() < 0.002  # measured 0.0007: voxels the air's closing leaves out
+    # The skin between -800 and -500 HU is body: the envelope reaches past the tissue region.
+    assert (labels[~fill_holes(patient)] != 0).sum() > 1000
     assert report["body_voxels_added"] == int((labels == 200).sum()) > 0
     # The envelope never overwrites a TotalSegmentator label.
     seg = _array(real_data / "example_seg.nii.gz")
@@ -76,10 +78,11 @@ def test_body_envelope_from_labels_alone(real_data, tmp_path, maisi):
     seg = _array(real_data / "example_seg.nii.gz")
     assert np.array_equal(labels != 0, (labels == 200) | (seg > 0))
     body = labels != 0
-    # The closed union of organs covers most of the patient and stays inside it.
+    # The closed union of organs stays inside the patient and covers most of it (measured 64 %: no
+    # skin, fat or muscle outside the labelled structures).
     patient = body_from_ct(ct)
     assert (body & patient).sum() / body.sum() > 0.97
-    assert body.sum() > 0.6 * patient.sum()
+    assert 0.6 * patient.sum() < body.sum() < 0.7 * patient.sum()
 
 
 def test_folder_of_fast_masks_converts_with_counts_kept(real_data, tmp_path):

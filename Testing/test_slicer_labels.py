@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import slicer
 import vtk
-from maisicore.anatomy.body import body_from_ct
+from maisicore.anatomy.body import envelope_from_ct
 from MAISIGenerateLib import mrml
 from MAISIGenerateLib.logic import (
     estimate_seconds,
@@ -102,8 +102,9 @@ def test_label_array_has_the_right_ids_on_the_exact_oblique_flipped_grid(case):
     expected = _expected_ids(case["masks"])
     organs = expected != 0
     np.testing.assert_array_equal(labels.array[organs], expected[organs])
-    # Everything else is background or the body envelope, taken from the reference CT (HU > -500).
-    body = body_from_ct(case["ct"]) & ~organs
+    # Everything else is background or the body envelope, taken from the reference CT (NVIDIA's
+    # add_body_envelope algorithm, test_body_envelope.py) around the painted organs.
+    body = (envelope_from_ct(expected, case["ct"], 200) == 200) & ~organs
     np.testing.assert_array_equal(labels.array[~organs], np.where(body, 200, 0)[~organs])
     assert build.body_voxels_added == int(body.sum()) > 0
     # The unresolved segment is reported (and its voxels are body, not an organ).
@@ -113,6 +114,24 @@ def test_label_array_has_the_right_ids_on_the_exact_oblique_flipped_grid(case):
     assert by == {"Liver": "name", "kidney left": "name", "spleen": "name", "pancreas": "name",
                   "kidney_right": "name", "aorta": "name", "Segment_7": "terminology", "my annotation": "unresolved"}
     assert {key: node_checksum(case[key]) for key in ("reference", "segmentation")} == before
+
+
+def test_body_options_reach_the_envelope(case):
+    """The module's body parameters (parameter node → ``parameters.body_options``) shape the envelope
+    from the reference CT as ``maisi labels convert --body-*`` does; a bad one is a one-line error."""
+    from maisicore.errors import InputError
+    from MAISIGenerateLib.parameters import body_options
+
+    options = body_options(-700.0, 5, 3, 0.02, "yes")
+    steps = []
+    build = labels_from_segmentation(case["segmentation"], case["reference"], body_options=options,
+                                     progress=lambda done, total: steps.append((done, total)))
+    expected = _expected_ids(case["masks"])
+    np.testing.assert_array_equal(build.labels.array, envelope_from_ct(expected, case["ct"], 200, options))
+    assert not np.array_equal(build.labels.array, envelope_from_ct(expected, case["ct"], 200))
+    assert steps[-1] == (8, 8)  # the envelope's steps follow the painted slices
+    with pytest.raises(InputError, match="body closing kernel 4 voxels is invalid"):
+        body_options(closing_voxels=4)
 
 
 def test_overrides_and_the_segmentations_own_geometry(case):

@@ -128,7 +128,7 @@ def match_segments(segmentation_node, overrides: dict | None = None) -> list[Seg
 
 def labels_from_segmentation(
     segmentation_node, reference_volume=None, overrides: dict | None = None, add_body: bool = True,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None, body_options=None,
 ) -> LabelBuild:
     """The MAISI label volume of a segmentation, on the reference volume's grid (exactly its
     IJKToRAS and shape) or, without one, on the segmentation's reference geometry.
@@ -137,8 +137,12 @@ def labels_from_segmentation(
     layers: the extra memory is a few slices, whatever the number of segments. Overlapping segments
     resolve as ``maisicore.anatomy.labelmap.paint_priority`` orders them (tumours over organs over
     body, the smaller over the larger). With ``add_body`` the body envelope (label 200) fills the
-    body around the labels: from the reference CT (HU > -500) when given, else from the labels.
-    ``progress(done, total)``: slices painted, for a progress bar."""
+    body around the labels: from the reference volume's CT (HU, read in place, not copied) when given,
+    by NVIDIA's ``add_body_envelope`` algorithm with ``body_options``
+    (``maisicore.anatomy.body.BodyOptions``; None: the reference's defaults), else from the labels.
+    ``progress(done, total)``: slices painted, then the envelope's steps, for a progress bar: the
+    envelope's memory is about 7 bytes per voxel and each of its steps takes well under a second per
+    10 M voxels (``maisicore.anatomy.body``), so the GUI repaints between them."""
     from maisicore.anatomy.labelmap import ConversionReport, paint_priority, with_body_envelope
     from maisicore.anatomy.labels import label_table
     from maisicore.io.geometry import Volume
@@ -180,7 +184,7 @@ def labels_from_segmentation(
     if add_body:
         report = ConversionReport()
         ct = mrml.volume_view(reference_volume) if reference_volume is not None else None
-        labels = with_body_envelope(labels, report, ct)
+        labels = with_body_envelope(labels, report, ct, body_options, progress)
         labels = Volume(labels.array.astype(np.int16, copy=False), affine)
         body_voxels = report.body_voxels_added
     return LabelBuild(labels, matches, body_voxels, reference_volume)
@@ -500,7 +504,7 @@ class GenerateLogic:
         if (source.size is None) != (source.spacing is None):
             raise ValueError("give both the output size and spacing, or neither")
         build = labels_from_segmentation(source.segmentation, source.reference_volume, source.overrides, source.add_body,
-                                         progress=self.label_progress)
+                                         progress=self.label_progress, body_options=source.body_options)
         mask_file, labels_file, ct_file = workdir / "mask.nrrd", workdir / "labels.nrrd", workdir / "ct.nrrd"
         write_volume(mask_file, build.labels)
         sized = source.fit_grid and source.size is not None

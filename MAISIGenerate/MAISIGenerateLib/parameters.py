@@ -21,7 +21,7 @@ from maisicore.models.presets import (
 
 __all__ = ["MODES", "DEVICES", "MODELS", "MODALITIES", "TUMOR_TYPES", "BODY_REGIONS", "ANATOMY_SIZE_CLASSES",
            "SIZE_TUMORS", "format_anatomy_sizes", "parse_anatomy_sizes", "DEFAULT_SIZE", "DEFAULT_SPACING_MM",
-           "RunOptions", "FromSegmentation", "RandomAnatomy", "InpaintTumor"]
+           "RunOptions", "body_options", "FromSegmentation", "RandomAnatomy", "InpaintTumor"]
 
 MODES = ("segmentation", "random", "inpaint")
 DEVICES = ("auto", "cpu", "cuda")
@@ -55,6 +55,17 @@ class RunOptions:
     reference_numerics: bool = False
 
 
+def body_options(air_hu: float = -800.0, closing_voxels: int = 3, bed_voxels: int = 5, table_fraction: float = 0.05,
+                 lungs: str = "auto"):
+    """The body envelope's parameters (``maisicore.anatomy.body.BodyOptions``, checked: a bad value
+    raises ``InputError``, one line): air threshold (HU), odd closing and bed kernel sides (voxels),
+    table fraction, and whether the segments include the lungs (``auto``/``yes``/``no``)."""
+    from maisicore.anatomy.body import BodyOptions
+
+    have_lungs = {"auto": None, "yes": True, "no": False}[lungs]
+    return BodyOptions(float(air_hu), int(closing_voxels), int(bed_voxels), float(table_fraction), have_lungs).check()
+
+
 @dataclass
 class FromSegmentation:
     """Generate a CT that follows a segmentation.
@@ -63,7 +74,11 @@ class FromSegmentation:
         terminology; ``overrides`` (segment id or name -> MAISI id or name; 0 or "" skips the segment)
         wins over both.
     reference_volume: vtkMRMLScalarVolumeNode whose grid the labels (and the result) take; its CT also
-        gives the body envelope. None: the segmentation's own reference geometry, envelope from labels.
+        gives the body envelope (NVIDIA's ``add_body_envelope`` algorithm). None: the segmentation's
+        own reference geometry, envelope from the labels alone (smaller: no skin, fat or limbs).
+    add_body: add the body envelope (label 200); body_options: its parameters from the CT
+        (``maisicore.anatomy.body.BodyOptions``: air threshold, kernels, table fraction, lungs
+        labelled); None: the reference's defaults.
     fit_grid: generate on ``size``/``spacing`` (or, when None, the published grid closest to the
         mask's field of view) around the labelled region, then map the result back onto the mask's grid.
     size: (x, y, z) voxels; spacing: (x, y, z) mm; both or neither (only with ``fit_grid``).
@@ -76,6 +91,7 @@ class FromSegmentation:
     fit_grid: bool = False
     size: tuple[int, int, int] | None = None
     spacing: tuple[float, float, float] | None = None
+    body_options: object | None = None
 
 
 @dataclass

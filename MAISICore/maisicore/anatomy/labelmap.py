@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import InputError
 from ..io.geometry import Volume
 from ..io.volumes import VOLUME_EXTENSIONS, read_volume, volume_extension
-from .body import add_body_envelope
+from .body import BodyOptions, add_body_envelope
 from .labels import LabelInfo, label_table
 
 BODY_NAME = "body"
@@ -198,8 +198,12 @@ def _masks_on_one_grid(volumes: Mapping[str, Volume], names_are_totalsegmentator
     return labels_from_masks({n: v.array for n, v in volumes.items()}, first.affine, names_are_totalsegmentator)
 
 
-def with_body_envelope(labels: Volume, report: ConversionReport, ct: Volume | None = None) -> Volume:
-    """Add the body label (200) inside the body, from the CT (same grid) when given, else from the labels."""
+def with_body_envelope(labels: Volume, report: ConversionReport, ct: Volume | None = None,
+                       options: BodyOptions | None = None, progress=None) -> Volume:
+    """Add the body label (200) inside the body: from the CT (HU; its grid the labels', in any axis
+    order) when given, by NVIDIA's ``add_body_envelope`` algorithm with ``options`` (``BodyOptions``,
+    None: the reference's defaults); else from the labels alone (``body.body_from_labels``).
+    ``progress(done, total)``: the envelope's steps (``body.envelope_from_ct``)."""
     body_id = label_table().by_name(BODY_NAME).id
     ct_array = None
     if ct is not None:
@@ -209,6 +213,6 @@ def with_body_envelope(labels: Volume, report: ConversionReport, ct: Volume | No
         if aligned is None:
             raise InputError("--ct is not on the segmentation's grid (shape and affine must match)")
         ct_array = aligned.array
-    out, added = add_body_envelope(labels.array, body_id, ct_array, labels.spacing)
+    out, added = add_body_envelope(labels.array, body_id, ct_array, labels.spacing, options, progress)
     report.body_voxels_added = added
     return Volume(out, labels.affine)

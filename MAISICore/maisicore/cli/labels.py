@@ -27,8 +27,16 @@ def add_labels(commands) -> None:
     convert.add_argument("--from", dest="source", required=True, choices=("totalsegmentator", "names"))
     convert.add_argument("segmentation", nargs="+", metavar="SEG")
     convert.add_argument("--ct", metavar="CT",
-                         help="CT on the same grid (a volume file or a DICOM series (its folder, one of its files, or FOLDER#SeriesInstanceUID)): body envelope from HU > -500")
+                         help="CT on the same grid (a volume file or a DICOM series (its folder, one of its files, or FOLDER#SeriesInstanceUID)): body envelope from its HU (NVIDIA's add_body_envelope)")
     convert.add_argument("--no-body", action="store_true", help="do not add the body envelope")
+    body = convert.add_argument_group("body envelope from --ct (NVIDIA's parameters and defaults)")
+    body.add_argument("--body-air-hu", type=float, metavar="HU", help="air below this HU (default -800)")
+    body.add_argument("--body-closing", type=int, metavar="VOXELS", help="closing box side, odd (default 3)")
+    body.add_argument("--body-bed", type=int, metavar="VOXELS", help="table cut-off erosion box side, odd (default 5)")
+    body.add_argument("--body-table-fraction", type=float, metavar="F",
+                      help="air regions in the body of at least F of it are table pieces, removed (default 0.05)")
+    body.add_argument("--body-lungs", choices=("auto", "yes", "no"), default="auto",
+                      help="the labels include the lungs: remove table pieces (auto: a lung lobe is labelled)")
     convert.add_argument("--out", required=True, metavar="MAISI_LABELS")
     convert.add_argument("--report", metavar="JSON", help="write the mapping report (mapped, unmapped, overlaps)")
     convert.set_defaults(handler=_cmd_labels_convert)
@@ -54,6 +62,19 @@ def _cmd_labels_list(args) -> int:
     return 0
 
 
+def _body_options(args):
+    """The ``--body-*`` options of ``labels convert`` as ``BodyOptions`` (checked; they need --ct)."""
+    from ..anatomy.body import BodyOptions
+
+    given = {name: getattr(args, f"body_{arg}") for name, arg in (
+        ("air_hu", "air_hu"), ("closing_voxels", "closing"), ("bed_voxels", "bed"), ("table_fraction", "table_fraction"))}
+    given = {name: value for name, value in given.items() if value is not None}
+    lungs = {"auto": None, "yes": True, "no": False}[args.body_lungs]
+    if (given or lungs is not None) and (args.no_body or not args.ct):
+        raise InputError("the --body-* options shape the body envelope from --ct: give --ct (and no --no-body)")
+    return BodyOptions(**given, labels_have_lungs=lungs).check()
+
+
 def _cmd_labels_convert(args) -> int:
     from ..anatomy.labelmap import (
         read_named_masks,
@@ -72,6 +93,7 @@ def _cmd_labels_convert(args) -> int:
     out = check_output_path(args.out)
     if args.report:
         check_output_folder(args.report, "--report")
+    body = _body_options(args)
     if args.source == "totalsegmentator":
         if len(args.segmentation) != 1:
             raise InputError("--from totalsegmentator takes one multi-label file or one folder of class masks")
@@ -83,7 +105,7 @@ def _cmd_labels_convert(args) -> int:
                          "with --report, or `maisi labels list`)")
     if not args.no_body:
         ct = read_volume(args.ct, modality="CT") if args.ct else None
-        labels = with_body_envelope(labels, report, ct)
+        labels = with_body_envelope(labels, report, ct, body)
     write_volume(out, labels)
     if args.report:
         report.write_json(args.report)

@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..anatomy.body import BodyOptions
 from ..anatomy.labels import label_table
 from ..anatomy.tumors import (
     CONTEXT_MM,
@@ -228,11 +229,15 @@ def inpaint(
     progress: Callable[[str, int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     numerics=None,
+    body_options: BodyOptions | None = None,
 ) -> InpaintResult:
     """Generate a ``tumor_type`` tumour inside ``tumor_mask`` (bool, ``ct``'s grid) of ``ct`` (HU).
 
-    ``labels``: MAISI anatomy labels on ``ct``'s grid (e.g. from ``maisi labels convert``); without
-    them the body envelope of the ROI and the tumour are the only condition (quality drops).
+    ``labels``: MAISI anatomy labels on ``ct``'s grid (e.g. from ``maisi labels convert``, whose
+    ``--body-*`` options shape their body envelope); without them the body envelope of the ROI (the
+    CT cropped around the tumour, air beyond the scan; NVIDIA's ``add_body_envelope`` algorithm with
+    ``body_options``, None: its defaults, the table-piece step off as no lungs are labelled) and the
+    tumour are the only condition (quality drops).
     Voxels outside the dilated tumour region are returned unchanged. ``numerics``
     (``maisicore.precision.Numerics``): the precision of the networks and the decode (the encoder
     stays float32); default the reference's for the model's device.
@@ -266,7 +271,7 @@ def inpaint(
         labels_ras, _ = to_closest_ras(labels)
         roi_labels = _crop(np.rint(labels_ras.array).astype(np.int16), start, size, 0)
     else:
-        body = body_from_ct(roi_ct)
+        body = body_from_ct(roi_ct, body_options)
         roi_labels = np.where(body, label_table().by_name("body").id, 0).astype(np.int16)
         notes.append("no --labels: the condition is the body envelope and the tumour only; expect lower quality")
     roi_labels = roi_labels.copy()
