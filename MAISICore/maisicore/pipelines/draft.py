@@ -24,10 +24,10 @@ import torch
 
 from ..anatomy.labels import BACKGROUND
 from ..errors import Cancelled, InputError
-from ..io.geometry import Volume, undo_reorientation
+from ..io.geometry import Volume
 from ..models.presets import ModelPreset
-from ..vae.decode import decode_latents, unit_to_hu
-from .plan import HU_BACKGROUND, GenerationPlan, ProgressFn, generate_latents
+from ..vae.decode import decode_latents
+from .plan import GenerationPlan, ProgressFn, generate_latents, unit_image_to_volume
 from .requests import DRAFT_MAX_STEPS
 
 # Voxels per draft voxel along each axis. Measured on a 2-core AVX2 CPU with official-width rflow-ct
@@ -128,20 +128,10 @@ def generate_draft(
         raise Cancelled("cancelled by the user")
     if progress:
         progress("decode", 0, 1)
-    mr = model.preset.intensity == "mr"
+    clip_max = None if model.preset.intensity == "mr" else 1.0
     image01 = decode_latents(model.autoencoder, latents, model.scale_factor, decode, memory_budget_bytes, log=log,
-                             clip_max=None if mr else 1.0, devices=devices, numerics=numerics)[0, 0].numpy()
-    if mr:
-        from ..vae.decode import unit_to_mr
-
-        image = upsample(unit_to_mr(image01), plan.size).astype(np.float32)
-    else:
-        hu = upsample(unit_to_hu(image01), plan.size)
-        if plan.labels is not None:
-            hu[plan.labels == BACKGROUND] = HU_BACKGROUND
-        image = np.rint(hu).astype(np.int16)
-    if plan.reorientation is not None:
-        image = undo_reorientation(image, plan.reorientation)
+                             clip_max=clip_max, devices=devices, numerics=numerics)[0, 0].numpy()
+    volume = unit_image_to_volume(model.preset, image01, plan, resize=lambda image: upsample(image, plan.size))
     if progress:
         progress("decode", 1, 1)
-    return Volume(image, plan.output_affine.copy())
+    return volume

@@ -298,25 +298,32 @@ def latents_to_ct(
     """Decode, map to HU, set background to −1000 and return an int16 volume on the output grid.
     MR models (``preset.intensity == "mr"``): the reference's MR intensities instead, float32
     (``maisicore.vae.decode.unit_to_mr``: 0-1000 and above, no upper clip), no mask."""
-    if model.preset.intensity == "mr":
-        from ..vae.decode import unit_to_mr
-
-        image01 = decode_latents(model.autoencoder, latents, model.scale_factor, decode, memory_budget_bytes, log=log,
-                                 clip_max=None, devices=devices, numerics=numerics)
-        mr = unit_to_mr(image01[0, 0].numpy()).astype(np.float32)
-        if plan.reorientation is not None:
-            mr = undo_reorientation(mr, plan.reorientation)
-        return Volume(mr, plan.output_affine.copy())
+    clip_max = None if model.preset.intensity == "mr" else 1.0
     image01 = decode_latents(model.autoencoder, latents, model.scale_factor, decode, memory_budget_bytes, log=log,
-                             devices=devices, numerics=numerics)
-    image01 = image01[0, 0].numpy()
-    hu = unit_to_hu(image01)
-    if plan.labels is not None:
-        hu[plan.labels == BACKGROUND] = HU_BACKGROUND
-    ct = np.rint(hu).astype(np.int16)
+                             clip_max=clip_max, devices=devices, numerics=numerics)
+    return unit_image_to_volume(model.preset, image01[0, 0].numpy(), plan)
+
+
+def unit_image_to_volume(preset: ModelPreset, image01: np.ndarray, plan: GenerationPlan, resize=None) -> Volume:
+    """A decoded image on the VAE's [0, 1] scale, (x, y, z) in the model frame, as the plan's output:
+    CT int16 HU with −1000 where the plan's labels are background, MR float32 (``unit_to_mr``), put
+    back onto the output grid's axis order. ``resize``: applied to the HU/MR array first (drafts
+    resample onto the plan's size)."""
+    from ..vae.decode import unit_to_mr
+
+    if preset.intensity == "mr":
+        image = unit_to_mr(image01)
+        image = (resize(image) if resize is not None else image).astype(np.float32)
+    else:
+        image = unit_to_hu(image01)
+        if resize is not None:
+            image = resize(image)
+        if plan.labels is not None:
+            image[plan.labels == BACKGROUND] = HU_BACKGROUND
+        image = np.rint(image).astype(np.int16)
     if plan.reorientation is not None:
-        ct = undo_reorientation(ct, plan.reorientation)
-    return Volume(ct, plan.output_affine.copy())
+        image = undo_reorientation(image, plan.reorientation)
+    return Volume(image, plan.output_affine.copy())
 
 
 def generate(
