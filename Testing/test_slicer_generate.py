@@ -502,3 +502,42 @@ def test_apply_after_an_edit_updates_only_the_changed_region_in_the_same_worker(
 
     logic.shutdown()
     assert not previous.ct.exists() and logic.previous_result(segmentation) is None
+
+
+def test_plan_apply_updates_small_edits_on_the_same_grid_only(scene, sphere_case, tmp_path):
+    """The decision alone (no worker): no previous result, unchanged labels, "Generate again", another
+    model, another grid and an edit of a quarter of the voxels or more generate; a small edit updates."""
+    reference, segmentation = sphere_case
+    logic = GenerateLogic()
+    source = FromSegmentation(segmentation, reference)
+    options = RunOptions(model="rflow-ct", seed=7, device="cpu")
+    assert logic.plan_apply(source, options=options).action == "generate"  # nothing to update yet
+    write_volume(tmp_path / "labels.nrrd", logic.labels_from_segmentation(segmentation, reference).labels)
+    (tmp_path / "ct.nrrd").write_bytes(b"a CT")
+    logic._remember(segmentation, tmp_path / "ct.nrrd", tmp_path / "labels.nrrd", options)
+    previous = logic.previous_result(segmentation)
+    assert previous.ct.parent != tmp_path and previous.ct.read_bytes() == b"a CT"  # the logic's own copies
+    assert logic.plan_apply(source, options=options).changed_fraction == 0.0
+
+    liver = segmentation.GetSegmentation().GetSegmentIdBySegmentName("Liver")
+    grown = _ball((12, 14, 16), 7)
+    grown[18:22, 12:16, 14:18] = True
+    slicer.util.updateSegmentBinaryLabelmapFromArray(np.ascontiguousarray(np.transpose(grown, (2, 1, 0))).astype(np.uint8),
+                                                     segmentation, liver, reference)
+    plan = logic.plan_apply(source, options=options)
+    assert plan.action == "update" and plan.previous == previous and 0 < plan.changed_fraction < 0.01
+    assert "updating the changed region" in plan.reason
+    assert logic.plan_apply(FromSegmentation(segmentation, reference, update_changed=False)).action == "generate"
+    assert logic.plan_apply(FromSegmentation(segmentation, reference, draft=True)).action == "draft"
+    assert logic.plan_apply(source, options=RunOptions(model="ddpm-ct")).action == "generate"
+    other = add_volume(_body_ct(), oblique_flipped_ijk_to_ras(spacing=(3.0, 3.0, 3.0)), "CT 3 mm")
+    plan = logic.plan_apply(FromSegmentation(segmentation, other), options=options)
+    assert plan.action == "generate" and "grid changed" in plan.reason
+    big = np.zeros((N, N, N), bool)
+    big[:, :, :12] = True
+    paint_segment(segmentation, "spleen", big, reference)
+    plan = logic.plan_apply(source, options=options)
+    assert plan.action == "generate" and plan.changed_fraction >= 0.25
+    folder = previous.ct.parent.parent
+    logic.shutdown()
+    assert not folder.exists() and logic.previous_result(segmentation) is None

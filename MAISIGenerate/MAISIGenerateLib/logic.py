@@ -276,10 +276,18 @@ UPDATE_SUFFIX = " (updated)"
 @dataclass
 class PreviousResult:
     """The last (non-draft) result of a segmentation, as files in the logic's own folder: the CT and
-    the labels it was generated from (the request's mask), both on the mask's grid."""
+    the labels it was generated from (the request's mask), both on the mask's grid; ``model``: the
+    model, weights and modality it came from (an update with another model generates again)."""
 
     ct: Path
     labels: Path
+    model: tuple | None = None
+
+
+def _model_key(options: RunOptions | None) -> tuple | None:
+    if options is None:
+        return None
+    return (options.model, options.weights_dir or None, options.modality if options.modality != "auto" else None)
 
 
 @dataclass
@@ -513,7 +521,7 @@ class GenerateLogic:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def _remember(self, segmentation_node, ct_file: Path, labels_file: Path) -> None:
+    def _remember(self, segmentation_node, ct_file: Path, labels_file: Path, options: RunOptions | None = None) -> None:
         """Keep copies of a result's CT and of the labels it was generated from."""
         if self._previous_dir is None or not self._previous_dir.is_dir():
             self._previous_dir = Path(tempfile.mkdtemp(prefix="maisi-previous-"))
@@ -523,19 +531,22 @@ class GenerateLogic:
         ct, labels = folder / ("ct" + ct_file.suffix), folder / ("labels" + labels_file.suffix)
         shutil.copyfile(ct_file, ct)
         shutil.copyfile(labels_file, labels)
-        self._previous[key] = PreviousResult(ct, labels)
+        self._previous[key] = PreviousResult(ct, labels, _model_key(options))
 
-    def plan_apply(self, source: FromSegmentation, build: LabelBuild | None = None) -> ApplyPlan:
+    def plan_apply(self, source: FromSegmentation, build: LabelBuild | None = None,
+                   options: RunOptions | None = None) -> ApplyPlan:
         """What Apply does with ``source`` (see ``ApplyPlan``): a draft when ``source.draft``; an
-        update when a previous result of the segmentation exists, the new labels are on its grid,
-        differ from its labels and less than ``UPDATE_MAX_FRACTION`` of the voxels changed, and
-        ``source.update_changed``; else a full generation. ``build``: the labels already built
-        (else they are built here)."""
+        update when a previous result of the segmentation exists (from the same model, weights and
+        modality as ``options``, when given), the new labels are on its grid, differ from its labels
+        and less than ``UPDATE_MAX_FRACTION`` of the voxels changed, and ``source.update_changed``;
+        else a full generation. ``build``: the labels already built (else they are built here)."""
         if source.draft:
             return ApplyPlan("draft", None, "draft: a quick look, not a final result", build)
         previous = self.previous_result(source.segmentation)
         if previous is None or not (previous.ct.is_file() and previous.labels.is_file()):
             return ApplyPlan("generate", None, "generating (no earlier result of this segmentation)", build)
+        if options is not None and previous.model is not None and _model_key(options) != previous.model:
+            return ApplyPlan("generate", None, "generating again (the model changed since the last result)", build)
         if build is None:
             build = labels_from_segmentation(source.segmentation, source.reference_volume, source.overrides,
                                              source.add_body, progress=self.label_progress,
@@ -613,7 +624,7 @@ class GenerateLogic:
             raise ValueError("give both the output size and spacing, or neither")
         build = labels_from_segmentation(source.segmentation, source.reference_volume, source.overrides, source.add_body,
                                          progress=self.label_progress, body_options=source.body_options)
-        plan = self.plan_apply(source, build)
+        plan = self.plan_apply(source, build, options)
         mask_file, labels_file, ct_file = workdir / "mask.nrrd", workdir / "labels.nrrd", workdir / "ct.nrrd"
         write_volume(mask_file, build.labels)
         name = f"MAISI {_model_label(options)} seed {options.seed}"
@@ -645,7 +656,7 @@ class GenerateLogic:
         def make_result(job: GenerationJob) -> GenerationResult:
             result = self._read_outputs(ct_file, labels_file, name, reference)
             if plan.action != "draft":  # the next edit of this segmentation can update this result
-                self._remember(segmentation, ct_file, mask_file)
+                self._remember(segmentation, ct_file, mask_file, options)
             return result
 
         job = GenerationJob(request, self.python, workdir, make_result, serve=self.serve_worker())
