@@ -3,7 +3,9 @@
 What lives here: matching segments to MAISI labels (name, then terminology, then the user's
 overrides), building the label volume the model follows (with the body envelope), suggesting an
 output grid, the command lines of the three modes, a ``GenerationJob`` that streams the worker's
-output and turns its files into new nodes, weights status and time estimates.
+output and turns its files into new nodes, drafts and updates of the edited region (the previous
+result of each segmentation kept in a folder of the logic's own; ``plan_apply`` decides), weights
+status and time estimates.
 What is NOT here: Qt, dialogs, views. Errors are raised (``ValueError`` for bad requests,
 ``RuntimeError`` for failed runs); the widget shows them. Rules and constants (presets, tumour
 region, label table) are imported from maisicore, never copied: from its torch-free modules only
