@@ -259,6 +259,7 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.draftButton.connect("clicked(bool)", self.onDraftButton)
         self.ui.modeTabWidget.connect("currentChanged(int)", self.onModeChanged)
         self.ui.refreshWeightsButton.connect("clicked(bool)", self.updateWeightsStatus)
         self.ui.downloadWeightsButton.connect("clicked(bool)", self.onDownloadWeights)
@@ -360,6 +361,11 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ready, reason = True, ""
         self.ui.applyButton.enabled = ready
         self.ui.applyButton.toolTip = _("Start the generation") if ready else reason
+        # Drafts and updates (the interactive loop) are the From-segmentation mode's.
+        segmentationMode = p.mode == "segmentation"
+        self.ui.draftButton.visible = segmentationMode
+        self.ui.draftButton.enabled = segmentationMode and ready
+        self.updateApplyChoice()
         self.ui.tumorPointSelector.enabled = p.tumorSource == "point"
         self.ui.tumorDiameterSpinBox.enabled = p.tumorSource == "point"
         self.ui.tumorSegmentSelector.enabled = p.tumorSource == "segment"
@@ -708,7 +714,18 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
         return source, options
 
-    def onApplyButton(self) -> None:
+    def updateApplyChoice(self) -> None:
+        """"After an edit" applies once a (non-draft) result of the chosen segmentation exists."""
+        p = self._parameterNode
+        hasPrevious = (p is not None and p.mode == "segmentation"
+                       and self.logic.previous_result(p.inputSegmentation) is not None)
+        self.ui.applyChoiceComboBox.enabled = hasPrevious
+
+    def onDraftButton(self) -> None:
+        if self._job is None:
+            self.onApplyButton(draft=True)
+
+    def onApplyButton(self, checked: bool = False, draft: bool = False) -> None:
         if self._job is not None:
             self.cancelJob()
             return
@@ -717,6 +734,9 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             self.updateDependencyButton()
             source, options = self.requestFromParameters()
+            if isinstance(source, FromSegmentation):
+                source.draft = draft
+                source.update_changed = self.ui.applyChoiceComboBox.currentIndex == 0  # "Update the changed region"
             self.ui.logTextEdit.clear()
             self._job = self.logic.start(source, options)
             self.appendLog("$ " + " ".join(self._job.command))
@@ -724,6 +744,7 @@ class MAISIGenerateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.appendLog(line)
             self.ui.applyButton.text = _("Cancel")
             self.ui.applyButton.toolTip = _("Stop the generation (the worker keeps its loaded model for the next Apply)")
+            self.ui.draftButton.enabled = False
             self.ui.progressBar.value = 0
             self._timer.start()
 

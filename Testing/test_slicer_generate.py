@@ -10,6 +10,10 @@ process and tiny random weights (`maisi weights init --width tiny --nonzero-init
 - One warm worker (`maisi serve`) for every Apply: two Applies and a cancelled one then another
   run in the same process; a cancel is answered (error 130) and nothing is added to the scene.
 - Cancel of a one-shot worker (`warm=False`, `maisi run`): its process group is gone within 2 s.
+- The interactive loop: Draft gives a "(draft)" node on the mask's grid that never becomes the
+  previous result; Apply after a small edit of the segmentation updates only the changed region
+  (a request with `update`/`previous_labels`, every voxel beyond the margin the first result's, bit
+  for bit, in the same warm worker); "Generate again", big edits and unchanged labels generate.
 """
 
 from __future__ import annotations
@@ -416,3 +420,124 @@ def test_weights_status_is_polled_not_waited_for(monkeypatch, tmp_path):
     rows = {row["model"]: row for row in logic.weights_rows(job)}
     assert set(rows) == {"rflow-ct", "ddpm-ct", "rflow-mr", "rflow-mr-brain"} and rows["rflow-ct"]["path"] == str(tmp_path / "weights" / "rflow-ct")
     assert not job.workdir.exists()
+
+
+@pytest.mark.slow
+def test_draft_gives_a_draft_node_on_the_mask_grid_and_is_never_the_previous_result(scene, sphere_case, tiny_weights):
+    reference, segmentation = sphere_case
+    logic = GenerateLogic()
+    job = logic.start(FromSegmentation(segmentation, reference, draft=True), _options(tiny_weights))
+    assert job.plan.action == "draft" and job.request.draft is True and job.request.update is None
+    result = _run_job(job)
+    assert result.volume_node.GetName() == "MAISI rflow-ct seed 7 (draft)"
+    assert result.segmentation_node.GetName() == "MAISI rflow-ct seed 7 (draft) labels"
+    np.testing.assert_array_equal(mrml.ijk_to_ras(result.volume_node), mrml.ijk_to_ras(reference))
+    assert kji_to_ijk(slicer.util.arrayFromVolume(result.volume_node)).shape == (N, N, N)
+    assert any("DRAFT" in line for line in result.log), result.log
+    # A draft is never mistaken for a result: the next Apply generates, it does not update the draft.
+    assert logic.previous_result(segmentation) is None
+    assert logic.plan_apply(FromSegmentation(segmentation, reference)).action == "generate"
+    logic.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_apply_after_an_edit_updates_only_the_changed_region_in_the_same_worker(scene, sphere_case, tiny_weights):
+    from scipy import ndimage
+
+    reference, segmentation = sphere_case
+    before = node_checksum(reference)
+    logic = GenerateLogic()
+    source = FromSegmentation(segmentation, reference)
+    first_job = logic.start(source, _options(tiny_weights))
+    assert first_job.plan.action == "generate" and first_job.request.update is None
+    pid = first_job.worker.pid
+    first = _run_job(first_job)
+    previous = logic.previous_result(segmentation)
+    assert previous is not None and previous.ct.is_file() and previous.labels.is_file()
+    first_ct = kji_to_ijk(slicer.util.arrayFromVolume(first.volume_node)).copy()
+    old_labels = read_volume(previous.labels).array.copy()
+
+    # Unchanged labels: nothing to update, a new generation.
+    assert logic.plan_apply(source).action == "generate" and logic.plan_apply(source).changed_fraction == 0.0
+
+    # The user grows the liver by a small block (the Segment Editor's job, done with the same call).
+    liver = segmentation.GetSegmentation().GetSegmentIdBySegmentName("Liver")
+    grown = _ball((12, 14, 16), 7)
+    grown[18:22, 12:16, 14:18] = True
+    slicer.util.updateSegmentBinaryLabelmapFromArray(np.ascontiguousarray(np.transpose(grown, (2, 1, 0))).astype(np.uint8),
+                                                     segmentation, liver, reference)
+    plan = logic.plan_apply(source)
+    assert plan.action == "update" and 0 < plan.changed_fraction < 0.25
+    assert logic.plan_apply(FromSegmentation(segmentation, reference, update_changed=False)).action == "generate"
+
+    second_job = logic.start(source, _options(tiny_weights))
+    assert second_job.worker.pid == pid  # the same warm worker
+    request = second_job.request
+    assert second_job.plan.action == "update"
+    assert (request.update, request.previous_labels) == (str(previous.ct), str(previous.labels))
+    assert request.mask and request.draft is False and request.size is None
+    second = _run_job(second_job)
+    assert second.volume_node.GetName() == "MAISI rflow-ct seed 7 (updated)"
+    np.testing.assert_array_equal(mrml.ijk_to_ras(second.volume_node), mrml.ijk_to_ras(reference))
+    second_ct = kji_to_ijk(slicer.util.arrayFromVolume(second.volume_node))
+    new_labels = logic.labels_from_segmentation(segmentation, reference).labels.array
+    changed = new_labels != old_labels
+    assert changed.any() and not changed[~grown].any()  # only the block's voxels changed label
+    # Every voxel farther than the margin (10 mm) from a changed voxel is the first result's, bit for bit.
+    spacing = np.linalg.norm(mrml.ijk_to_ras(reference)[:3, :3], axis=0)
+    far = ndimage.distance_transform_edt(~changed, sampling=spacing) > 10.0
+    assert far.sum() > 0.8 * far.size
+    assert np.array_equal(second_ct[far], first_ct[far])
+    assert not np.array_equal(second_ct, first_ct)  # the edited region was regenerated
+    assert any("UPDATE" in line for line in second.log), second.log
+    assert node_checksum(reference) == before
+    # The update is now the previous result; a big edit (a third of the volume) generates again.
+    assert logic.previous_result(segmentation).ct == previous.ct
+    big = np.zeros((N, N, N), bool)
+    big[:, :, :12] = True
+    paint_segment(segmentation, "spleen", big, reference)
+    plan = logic.plan_apply(source)
+    assert plan.action == "generate" and plan.changed_fraction >= 0.25
+
+    logic.shutdown()
+    assert not previous.ct.exists() and logic.previous_result(segmentation) is None
+
+
+def test_plan_apply_updates_small_edits_on_the_same_grid_only(scene, sphere_case, tmp_path):
+    """The decision alone (no worker): no previous result, unchanged labels, "Generate again", another
+    model, another grid and an edit of a quarter of the voxels or more generate; a small edit updates."""
+    reference, segmentation = sphere_case
+    logic = GenerateLogic()
+    source = FromSegmentation(segmentation, reference)
+    options = RunOptions(model="rflow-ct", seed=7, device="cpu")
+    assert logic.plan_apply(source, options=options).action == "generate"  # nothing to update yet
+    write_volume(tmp_path / "labels.nrrd", logic.labels_from_segmentation(segmentation, reference).labels)
+    (tmp_path / "ct.nrrd").write_bytes(b"a CT")
+    logic._remember(segmentation, tmp_path / "ct.nrrd", tmp_path / "labels.nrrd", options)
+    previous = logic.previous_result(segmentation)
+    assert previous.ct.parent != tmp_path and previous.ct.read_bytes() == b"a CT"  # the logic's own copies
+    assert logic.plan_apply(source, options=options).changed_fraction == 0.0
+
+    liver = segmentation.GetSegmentation().GetSegmentIdBySegmentName("Liver")
+    grown = _ball((12, 14, 16), 7)
+    grown[18:22, 12:16, 14:18] = True
+    slicer.util.updateSegmentBinaryLabelmapFromArray(np.ascontiguousarray(np.transpose(grown, (2, 1, 0))).astype(np.uint8),
+                                                     segmentation, liver, reference)
+    plan = logic.plan_apply(source, options=options)
+    assert plan.action == "update" and plan.previous == previous and 0 < plan.changed_fraction < 0.01
+    assert "updating the changed region" in plan.reason
+    assert logic.plan_apply(FromSegmentation(segmentation, reference, update_changed=False)).action == "generate"
+    assert logic.plan_apply(FromSegmentation(segmentation, reference, draft=True)).action == "draft"
+    assert logic.plan_apply(source, options=RunOptions(model="ddpm-ct")).action == "generate"
+    other = add_volume(_body_ct(), oblique_flipped_ijk_to_ras(spacing=(3.0, 3.0, 3.0)), "CT 3 mm")
+    plan = logic.plan_apply(FromSegmentation(segmentation, other), options=options)
+    assert plan.action == "generate" and "grid changed" in plan.reason
+    big = np.zeros((N, N, N), bool)
+    big[:, :, :12] = True
+    paint_segment(segmentation, "spleen", big, reference)
+    plan = logic.plan_apply(source, options=options)
+    assert plan.action == "generate" and plan.changed_fraction >= 0.25
+    folder = previous.ct.parent.parent
+    logic.shutdown()
+    assert not folder.exists() and logic.previous_result(segmentation) is None

@@ -3,7 +3,9 @@
 What lives here: matching segments to MAISI labels (name, then terminology, then the user's
 overrides), building the label volume the model follows (with the body envelope), suggesting an
 output grid, the command lines of the three modes, a ``GenerationJob`` that streams the worker's
-output and turns its files into new nodes, weights status and time estimates.
+output and turns its files into new nodes, drafts and updates of the edited region (the previous
+result of each segmentation kept in a folder of the logic's own; ``plan_apply`` decides), weights
+status and time estimates.
 What is NOT here: Qt, dialogs, views. Errors are raised (``ValueError`` for bad requests,
 ``RuntimeError`` for failed runs); the widget shows them. Rules and constants (presets, tumour
 region, label table) are imported from maisicore, never copied: from its torch-free modules only
@@ -264,6 +266,58 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+# ---- drafts and updates: the interactive loop -----------------------------------------------------
+
+# An edit that changes this fraction of the mask's voxels or more is generated again, not updated:
+# the update's region (changed voxels + margin + context) would be most of the volume anyway.
+UPDATE_MAX_FRACTION = 0.25
+DRAFT_SUFFIX = " (draft)"
+UPDATE_SUFFIX = " (updated)"
+
+
+@dataclass
+class PreviousResult:
+    """The last (non-draft) result of a segmentation, as files in the logic's own folder: the CT and
+    the labels it was generated from (the request's mask), both on the mask's grid; ``model``: the
+    model, weights and modality it came from (an update with another model generates again)."""
+
+    ct: Path
+    labels: Path
+    model: tuple | None = None
+
+
+def _model_key(options: RunOptions | None) -> tuple | None:
+    if options is None:
+        return None
+    return (options.model, options.weights_dir or None, options.modality if options.modality != "auto" else None)
+
+
+@dataclass
+class ApplyPlan:
+    """What Apply on a segmentation does: ``action`` "draft", "update" (regenerate only where the
+    labels changed since ``previous``) or "generate"; ``changed_fraction``: the fraction of the mask's
+    voxels whose label changed (None when there is nothing to compare with); ``reason``: one line for
+    the log."""
+
+    action: str
+    changed_fraction: float | None
+    reason: str
+    build: LabelBuild | None = None
+    previous: PreviousResult | None = None
+
+
+def labels_changed(previous_labels_file: Path, labels) -> tuple[int, int] | None:
+    """(changed voxels, all voxels) between the labels in ``previous_labels_file`` and ``labels``
+    (a ``Volume``), or None when they are not on the same grid (shape, or affine beyond 1 µm)."""
+    from maisicore.io.volumes import read_volume
+
+    old = read_volume(previous_labels_file)
+    if old.array.shape != labels.array.shape or not np.allclose(old.affine, labels.affine, rtol=0, atol=1e-3):
+        return None
+    changed = np.count_nonzero(np.rint(old.array).astype(np.int16) != labels.array)
+    return int(changed), int(labels.array.size)
+
+
 # ---- runs ---------------------------------------------------------------------------------------
 
 
@@ -304,6 +358,7 @@ class GenerationJob:
         self.result_event: dict | None = None
         self.error_event: dict | None = None
         self.label_build: LabelBuild | None = None  # from-segmentation runs: how the segments were matched
+        self.plan: ApplyPlan | None = None  # from-segmentation runs: draft, update or generate, and why
         self.worker = serve.submit(request) if serve is not None else WorkerProcess(self.command, env=worker_environment())
 
     @property
@@ -422,6 +477,10 @@ class GenerateLogic:
         # Called with (slices done, total) while a segmentation is turned into labels: the widget
         # moves its progress bar and repaints (no user input) during the seconds a large one takes.
         self.label_progress: Callable[[int, int], None] | None = None
+        # The last non-draft result of each segmentation (by node ID): files in a folder of our own,
+        # so an edit can be answered with an update of the changed region.
+        self._previous: dict[str, PreviousResult] = {}
+        self._previous_dir: Path | None = None
 
     # segments
     match_segments = staticmethod(match_segments)
@@ -441,10 +500,72 @@ class GenerateLogic:
         return self._serve
 
     def shutdown(self) -> None:
-        """End the warm worker (module cleanup, scene close, Slicer exit); the next run starts a new one."""
+        """End the warm worker (module cleanup, scene close, Slicer exit); the next run starts a new
+        one. The previous results kept for updates are forgotten too (their nodes go with the scene)."""
         worker, self._serve = self._serve, None
-        if worker is not None:
-            worker.close()
+        try:
+            if worker is not None:
+                worker.close()
+        finally:
+            self.forget_results()
+
+    # ---- previous results (updates of the edited region)
+    def previous_result(self, segmentation_node) -> PreviousResult | None:
+        """The last non-draft result generated from ``segmentation_node``, or None."""
+        if segmentation_node is None:
+            return None
+        return self._previous.get(segmentation_node.GetID())
+
+    def forget_results(self) -> None:
+        """Forget every previous result and delete their files."""
+        folder, self._previous_dir = self._previous_dir, None
+        self._previous.clear()
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _remember(self, segmentation_node, ct_file: Path, labels_file: Path, options: RunOptions | None = None) -> None:
+        """Keep copies of a result's CT and of the labels it was generated from."""
+        if self._previous_dir is None or not self._previous_dir.is_dir():
+            self._previous_dir = Path(tempfile.mkdtemp(prefix="maisi-previous-"))
+        key = segmentation_node.GetID()
+        old = self._previous.get(key)
+        folder = old.ct.parent if old is not None else Path(tempfile.mkdtemp(dir=self._previous_dir))
+        ct, labels = folder / ("ct" + ct_file.suffix), folder / ("labels" + labels_file.suffix)
+        shutil.copyfile(ct_file, ct)
+        shutil.copyfile(labels_file, labels)
+        self._previous[key] = PreviousResult(ct, labels, _model_key(options))
+
+    def plan_apply(self, source: FromSegmentation, build: LabelBuild | None = None,
+                   options: RunOptions | None = None) -> ApplyPlan:
+        """What Apply does with ``source`` (see ``ApplyPlan``): a draft when ``source.draft``; an
+        update when a previous result of the segmentation exists (from the same model, weights and
+        modality as ``options``, when given), the new labels are on its grid, differ from its labels
+        and less than ``UPDATE_MAX_FRACTION`` of the voxels changed, and ``source.update_changed``;
+        else a full generation. ``build``: the labels already built (else they are built here)."""
+        if source.draft:
+            return ApplyPlan("draft", None, "draft: a quick look, not a final result", build)
+        previous = self.previous_result(source.segmentation)
+        if previous is None or not (previous.ct.is_file() and previous.labels.is_file()):
+            return ApplyPlan("generate", None, "generating (no earlier result of this segmentation)", build)
+        if options is not None and previous.model is not None and _model_key(options) != previous.model:
+            return ApplyPlan("generate", None, "generating again (the model changed since the last result)", build)
+        if build is None:
+            build = labels_from_segmentation(source.segmentation, source.reference_volume, source.overrides,
+                                             source.add_body, progress=self.label_progress,
+                                             body_options=source.body_options)
+        counts = labels_changed(previous.labels, build.labels)
+        if counts is None:
+            return ApplyPlan("generate", None, "generating again (the labels' grid changed since the last result)", build)
+        changed, total = counts
+        fraction = changed / max(total, 1)
+        if changed == 0:
+            return ApplyPlan("generate", 0.0, "generating again (the labels did not change)", build)
+        share = f"{changed} voxels ({100 * fraction:.2g} %) changed"
+        if fraction >= UPDATE_MAX_FRACTION:
+            return ApplyPlan("generate", fraction, f"generating again ({share}: too many to update)", build)
+        if not source.update_changed:
+            return ApplyPlan("generate", fraction, f"generating again ({share}; as chosen)", build)
+        return ApplyPlan("update", fraction, f"updating the changed region ({share})", build, previous)
 
     def __del__(self) -> None:  # a logic dropped without shutdown (scripts, tests) ends its worker too
         try:
@@ -497,7 +618,7 @@ class GenerateLogic:
 
     def _start_from_segmentation(self, source: FromSegmentation, options: RunOptions, workdir: Path) -> GenerationJob:
         from maisicore.io.volumes import write_volume
-        from maisicore.pipelines.requests import GenerateRequest
+        from maisicore.pipelines.requests import DRAFT_MAX_STEPS, GenerateRequest
 
         if source.segmentation is None:
             raise ValueError("choose a segmentation")
@@ -505,25 +626,46 @@ class GenerateLogic:
             raise ValueError("give both the output size and spacing, or neither")
         build = labels_from_segmentation(source.segmentation, source.reference_volume, source.overrides, source.add_body,
                                          progress=self.label_progress, body_options=source.body_options)
+        plan = self.plan_apply(source, build, options)
         mask_file, labels_file, ct_file = workdir / "mask.nrrd", workdir / "labels.nrrd", workdir / "ct.nrrd"
         write_volume(mask_file, build.labels)
-        sized = source.fit_grid and source.size is not None
-        request = GenerateRequest(
-            **_model_options(options), mask=str(mask_file), label_out=str(labels_file), out=str(ct_file),
-            fit="always" if source.fit_grid else "auto", on_mask_grid=True,  # results always on the mask's grid
-            size=[int(s) for s in source.size] if sized else None,
-            spacing=[float(s) for s in source.spacing] if sized else None,
-            allow_any_size=bool(options.allow_any_size),
-        )
         name = f"MAISI {_model_label(options)} seed {options.seed}"
+        shared = _model_options(options)
+        if plan.action == "update":  # the previous CT's grid, which is the mask's: no size, spacing or fit
+            request = GenerateRequest(
+                **shared, mask=str(mask_file), label_out=str(labels_file), out=str(ct_file),
+                update=str(plan.previous.ct), previous_labels=str(plan.previous.labels),
+                allow_any_size=bool(options.allow_any_size),
+            )
+            name += UPDATE_SUFFIX
+        else:
+            if plan.action == "draft":
+                if shared["steps"] is not None and shared["steps"] > DRAFT_MAX_STEPS - 1:
+                    shared["steps"] = None  # a draft's own (at most DRAFT_MAX_STEPS network evaluations)
+                name += DRAFT_SUFFIX
+            sized = source.fit_grid and source.size is not None
+            request = GenerateRequest(
+                **shared, mask=str(mask_file), label_out=str(labels_file), out=str(ct_file),
+                fit="always" if source.fit_grid else "auto", on_mask_grid=True,  # results always on the mask's grid
+                size=[int(s) for s in source.size] if sized else None,
+                spacing=[float(s) for s in source.spacing] if sized else None,
+                allow_any_size=bool(options.allow_any_size), draft=plan.action == "draft",
+            )
+        request.check()  # refuse a request the worker would refuse, here, with its one line
         reference = source.reference_volume
+        segmentation = source.segmentation
 
         def make_result(job: GenerationJob) -> GenerationResult:
-            return self._read_outputs(ct_file, labels_file, name, reference)
+            result = self._read_outputs(ct_file, labels_file, name, reference)
+            if plan.action != "draft":  # the next edit of this segmentation can update this result
+                self._remember(segmentation, ct_file, mask_file, options)
+            return result
 
         job = GenerationJob(request, self.python, workdir, make_result, serve=self.serve_worker())
         job.log.append(build.summary())
+        job.log.append(plan.reason)
         job.label_build = build
+        job.plan = plan
         return job
 
     def _start_random(self, source: RandomAnatomy, options: RunOptions, workdir: Path) -> GenerationJob:

@@ -82,6 +82,11 @@ class FromSegmentation:
     fit_grid: generate on ``size``/``spacing`` (or, when None, the published grid closest to the
         mask's field of view) around the labelled region, then map the result back onto the mask's grid.
     size: (x, y, z) voxels; spacing: (x, y, z) mm; both or neither (only with ``fit_grid``).
+    draft: a quick look (the request's ``draft``: fewer voxels, at most 9 ab2 steps, resampled onto
+        the mask's grid); its nodes are named "... (draft)" and it never becomes the previous result.
+    update_changed: after a (non-draft) result of this segmentation, regenerate only the edited
+        region when the edit is small ("Update the changed region", ``GenerateLogic.plan_apply``);
+        False: always generate again.
     """
 
     segmentation: object
@@ -92,6 +97,8 @@ class FromSegmentation:
     size: tuple[int, int, int] | None = None
     spacing: tuple[float, float, float] | None = None
     body_options: object | None = None
+    draft: bool = False
+    update_changed: bool = True
 
 
 @dataclass
