@@ -311,7 +311,7 @@ def _nvidia_model(preset, weights):
 
 def _ours(monkeypatch, tmp_path, request):
     """Latents of OUR request path (check → load → generate → decode → write), recorded at the decode."""
-    import maisicore.pipelines.generate as generate_module
+    import maisicore.pipelines.plan as generate_module  # where generate() finds latents_to_ct
 
     seen = []
     original = generate_module.latents_to_ct

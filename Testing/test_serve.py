@@ -148,9 +148,9 @@ def test_a_second_request_starts_warm_matches_maisi_generate_and_survives_a_canc
     # A long request cancelled after its first step: error 130 at the next step, nothing written.
     long_out = tmp_path / "long.nrrd"
     worker.send(_request(weights, id=7, steps=1000, size=[64, 64, 64], spacing=[4.0, 4.0, 4.0], out=str(long_out)))
-    worker.until(lambda e: e.get("id") == 7 and e["event"] == "progress")
+    started = [e for e in worker.until(lambda e: e.get("id") == 7 and e["event"] == "progress") if e.get("id") == 7]
     sent = worker.send({"cancel": 7})
-    events = worker.finished(7, timeout=60)
+    events = started + worker.finished(7, timeout=60)  # the first step's progress event included
     assert events[-1]["event"] == "error" and events[-1]["code"] == 130, events
     assert time.monotonic() - sent < 10
     done = [e["done"] for e in events if e["event"] == "progress"]

@@ -17,7 +17,7 @@ CATEGORY = "MAISI"
 SAMPLE_NAME = "MAISIDemoSegmentation"
 FILE_NAME = "MAISIDemoSegmentation.seg.nrrd"
 NODE_NAME = "MAISI demo segmentation"
-SHA256 = "8dd67daa3859090340b66793f831aff957ea1e2ef0a0fcc9f64587106f943db0"
+SHA256 = "9739c792a1eac0b07b4e338c607519e53c61d2eada9c0d6322f8a6fad24ef86a"
 
 
 def sample_data_folder(module_folder: Path) -> Path:

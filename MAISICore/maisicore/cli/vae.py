@@ -76,8 +76,8 @@ def _cmd_vae_encode(args) -> int:
 
     precision = resolve_precision(args.precision, device)  # fp16 on the CPU: refused before any reading
     ct = read_volume(args.image, modality="CT")
+    autoencoder = load_autoencoder(args.weights, device)  # a refused checkpoint: its one line alone
     _say(f"{precision.describe()}; the encoder runs in float32")
-    autoencoder = load_autoencoder(args.weights, device)
     latent, affine, sidecar = encode_ct(autoencoder, ct, device, budget, log=_say)
     write_latent(args.out, latent, affine, sidecar)
     print(f"wrote {args.out} ({'×'.join(map(str, latent.shape))} float32) and {args.out}.json")
@@ -105,8 +105,8 @@ def _cmd_vae_decode(args) -> int:
 
     precision = resolve_precision(args.precision, device)
     latent, affine = read_latent(args.latent)
+    autoencoder = load_autoencoder(args.weights, device)  # a refused checkpoint: its one line alone
     _say(precision.describe())
-    autoencoder = load_autoencoder(args.weights, device)
     ct = decode_latent(autoencoder, latent, affine, device, args.scale_factor, args.decode, budget, log=_say,
                        devices=devices, numerics=numerics_for(precision, device.type))
     write_volume(out, ct)
