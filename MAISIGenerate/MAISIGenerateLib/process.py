@@ -108,6 +108,16 @@ def _kill_tree(process: subprocess.Popen, grace_s: float) -> None:
     process.wait()
 
 
+def drain(lines: queue.Queue) -> list[str]:
+    """Everything ``lines`` holds now, in order (never blocks)."""
+    out = []
+    while True:
+        try:
+            out.append(lines.get_nowait())
+        except queue.Empty:
+            return out
+
+
 class WorkerProcess:
     """A child process in its own session (POSIX) / process group (Windows) whose stdout and
     stderr, merged, are read line by line on a thread (``\\r`` progress updates count as lines).
@@ -148,12 +158,7 @@ class WorkerProcess:
 
     def read_lines(self) -> list[str]:
         """Output lines that arrived since the last call (never blocks)."""
-        lines = []
-        while True:
-            try:
-                lines.append(self._lines.get_nowait())
-            except queue.Empty:
-                return lines
+        return drain(self._lines)
 
     def finished_reading(self) -> bool:
         """True when the process has exited and all its output has been read by the thread."""
@@ -224,12 +229,7 @@ class ServeRun:
 
     def read_lines(self) -> list[str]:
         """Output lines that arrived since the last call (never blocks)."""
-        lines = []
-        while True:
-            try:
-                lines.append(self._lines.get_nowait())
-            except queue.Empty:
-                return lines
+        return drain(self._lines)
 
     def finished_reading(self) -> bool:
         return self._finished.is_set()
