@@ -6,7 +6,6 @@ NVIDIA's latents bit for bit on the CPU (``nvidia_reference`` says how the refer
 from __future__ import annotations
 
 import json
-import os
 from argparse import Namespace
 from pathlib import Path
 
@@ -256,32 +255,11 @@ def test_demo_bf16_against_fp32(real_data, tmp_path):
 
 
 def _reference_scripts(tmp_path_factory):
-    """NVIDIA's scripts: the mirror ``nvidia_reference`` reads, else the shared checkout's
-    ../shared/reference/nv-generate-ctmr (imported where they are, never copied into maisicore)."""
-    import importlib
-    import sys
-    import types
-
+    """NVIDIA's scripts as ``nvidia_reference`` finds them ($MAISI_REFERENCE_REPO, else
+    ../shared/reference/nv-generate-ctmr, else the mirror); imported, never copied into maisicore."""
     import nvidia_reference
 
-    if nvidia_reference.mirror().is_dir() or nvidia_reference._IMPORTED:
-        return nvidia_reference.import_reference(tmp_path_factory.mktemp("nvidia"))
-    shared = Path(os.environ.get("MAISI_SHARED", nvidia_reference.REPO.parent / "shared")) / "reference" / "nv-generate-ctmr"
-    if not (shared / "scripts" / "utils_infer.py").is_file():
-        pytest.skip(f"NVIDIA's reference code not found at {nvidia_reference.mirror()} or {shared}")
-    try:
-        import skimage  # noqa: F401
-    except ImportError:
-        sys.modules["skimage"] = types.ModuleType("skimage")
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]
-    sys.path.insert(0, str(shared))
-    try:
-        modules = {name: importlib.import_module(f"scripts.{name}") for name in ("utils", "utils_infer", "diff_model_infer")}
-    finally:
-        sys.path.remove(str(shared))
-    nvidia_reference._IMPORTED.append(types.SimpleNamespace(**modules))
-    return nvidia_reference._IMPORTED[0]
+    return nvidia_reference.import_reference(tmp_path_factory.mktemp("nvidia"))
 
 
 @pytest.fixture(scope="module")
